@@ -1,0 +1,35 @@
+"""Errors raised inside the worker, each tagged with the failure kind the HTTP side maps to an answer."""
+
+from __future__ import annotations
+
+from pipeline.messages import FailureKind
+
+
+class PipelineError(Exception):
+    kind = FailureKind.INTERNAL
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(PipelineError):
+    """The request can never succeed as sent; the same input would fail again."""
+
+    kind = FailureKind.INVALID_INPUT
+
+
+class Unsupported(PipelineError):
+    """A valid fal input this server cannot honour yet; refused rather than silently ignored."""
+
+    kind = FailureKind.UNSUPPORTED
+
+
+class Cancelled(PipelineError):
+    """Raised from the step callback when the client cancelled the request in progress."""
+
+    kind = FailureKind.CANCELLED
+
+    def __init__(self) -> None:
+        super().__init__("Request was cancelled")

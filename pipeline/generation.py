@@ -1,0 +1,86 @@
+"""One generation: a validated request in, encoded images out, progress reported per denoising step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import Flux2Pipeline
+
+from pipeline.errors import Cancelled, Unsupported
+from pipeline.images import encode_image
+from pipeline.messages import GenerationParams, JobSucceeded
+
+StepCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes any unsigned 64-bit seed
+
+
+def seed_generators(seed: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded seed, seed+1, ...
+
+    Image k of a batch is therefore the same noise as a single-image request with seed+k, and CPU
+    generators give the same starting noise on every GPU model.
+    """
+    return [torch.Generator(device="cpu").manual_seed((seed + k) % SEED_MODULUS) for k in range(count)]
+
+
+def pipeline_kwargs(params: GenerationParams) -> dict[str, Any]:
+    """The exact Flux2Pipeline arguments for a request; tests call the pipeline directly with these."""
+    return {
+        "prompt": params.prompt,
+        "height": params.height,
+        "width": params.width,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": float(params.guidance_scale),
+        "num_images_per_prompt": params.num_images,
+        "generator": seed_generators(params.seed, params.num_images),
+        "output_type": "pil",
+    }
+
+
+class ImageGenerator:
+    """Owns the loaded pipeline; runs one request at a time."""
+
+    def __init__(self, pipe: Flux2Pipeline) -> None:
+        self.pipe = pipe
+
+    def check_supported(self, params: GenerationParams) -> None:
+        if params.loras:
+            raise Unsupported("LoRAs are not supported by this server version yet", field="loras")
+        if params.enable_prompt_expansion:
+            raise Unsupported(
+                "prompt expansion is not supported by this server version yet",
+                field="enable_prompt_expansion",
+            )
+
+    def generate(
+        self, request_id: str, params: GenerationParams, on_step: StepCallback, cancelled: CancelCheck
+    ) -> JobSucceeded:
+        self.check_supported(params)
+        total = params.num_inference_steps
+
+        def step_end(
+            pipe: Flux2Pipeline, step: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            # Raising here skips the remaining steps and the VAE decode; the pipeline stays reusable.
+            if cancelled():
+                raise Cancelled()
+            on_step(step + 1, total)
+            return tensors
+
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.pipe(**pipeline_kwargs(params), callback_on_step_end=step_end)  # type: ignore[operator]
+        images = [encode_image(image, params.output_format) for image in output.images]
+        return JobSucceeded(
+            request_id=request_id,
+            images=tuple(images),
+            seed=params.seed,
+            prompt=params.prompt,
+            has_nsfw_concepts=tuple(False for _ in images),
+            inference_seconds=time.perf_counter() - started,
+        )

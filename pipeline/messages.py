@@ -1,0 +1,116 @@
+"""The wire between the HTTP side and the GPU worker.
+
+Small typed messages, one direction each, carried over multiprocessing queues. This module imports
+neither torch nor FastAPI, so both sides can depend on it; everything in it must stay picklable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+# --- server -> worker ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    path: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A validated request, already reduced to what the pipeline needs (sizes resolved, seed drawn)."""
+
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int = 1
+    output_format: str = "png"
+    acceleration: str = "regular"
+    enable_safety_checker: bool = True
+    enable_prompt_expansion: bool = False
+    loras: tuple[LoraRequest, ...] = ()
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Asks the worker to leave its loop and exit."""
+
+
+# --- worker -> server ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    model: str
+    device: str
+    dtype: str
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class WorkerStartupFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    request_id: str
+    step: int  # 1-based count of finished denoising steps
+    total: int
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class JobSucceeded:
+    request_id: str
+    images: tuple[EncodedImage, ...]
+    seed: int
+    prompt: str
+    has_nsfw_concepts: tuple[bool, ...]
+    inference_seconds: float
+
+
+class FailureKind(StrEnum):
+    """Why a job failed; the HTTP side maps each kind to a fal-shaped answer in one place."""
+
+    INVALID_INPUT = "invalid_input"  # the request can never succeed as sent (a LoRA that does not fit ...)
+    UNSUPPORTED = "unsupported"  # a feature this server does not offer (yet)
+    OUT_OF_MEMORY = "out_of_memory"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    request_id: str
+    kind: FailureKind
+    message: str
+    field: str | None = None  # the input field to blame, for 422 answers
+    inference_seconds: float = 0.0
+
+
+ToWorker = Job | Shutdown
+FromWorker = WorkerReady | WorkerStartupFailed | JobStarted | StepProgress | JobSucceeded | JobFailed

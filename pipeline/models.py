@@ -1,0 +1,85 @@
+"""The model registry: `models.yaml` parsed into typed specs, with errors that name the bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+Device = Literal["auto", "cuda", "cpu"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""  # filled from the registry key
+    dtype: Dtype
+    device: Device = "auto"
+
+
+class HubModel(_Spec):
+    """A diffusers folder from the Hugging Face cache (HF_HOME, HF_TOKEN, HF_HUB_OFFLINE), or `local_dir`."""
+
+    source: Literal["hub"]
+    repo_id: str
+    revision: str = "main"
+    local_dir: Path | None = None
+
+
+class TinyModel(_Spec):
+    """A random-weight FLUX.2-shaped pipeline built offline on first use (see `pipeline.tiny`)."""
+
+    source: Literal["tiny"]
+    seed: int = 0
+
+
+ModelSpec = Annotated[HubModel | TinyModel, Field(discriminator="source")]
+
+
+class _RegistryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, ModelSpec]
+
+
+class ConfigError(ValueError):
+    """models.yaml (or a model choice) is unusable; the message names the file and the field."""
+
+
+class Registry:
+    def __init__(self, models: dict[str, HubModel | TinyModel]) -> None:
+        self.models = models
+
+    def get(self, name: str) -> HubModel | TinyModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models))
+            raise ConfigError(f"unknown model {name!r}; models.yaml defines: {known}") from None
+
+    def default_name(self, cuda_available: bool) -> str:
+        """The real model when there is a GPU to run it, the tiny one otherwise."""
+        preferred = "flux2-dev" if cuda_available else "tiny"
+        if preferred in self.models:
+            return preferred
+        raise ConfigError(f"no --model given and models.yaml has no {preferred!r} entry")
+
+
+def load_registry(path: Path) -> Registry:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        parsed = TypeAdapter(_RegistryFile).validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
+    models = {name: spec.model_copy(update={"name": name}) for name, spec in parsed.models.items()}
+    return Registry(models)

@@ -1,0 +1,122 @@
+"""The GPU worker's main loop, run in a spawned child process that alone owns the device.
+
+Nothing here imports torch at module level: the HTTP process imports this module only to name the
+process target, and must stay light and CUDA-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.messages import (
+    FailureKind,
+    FromWorker,
+    Job,
+    JobFailed,
+    JobStarted,
+    Shutdown,
+    StepProgress,
+    ToWorker,
+    WorkerReady,
+    WorkerStartupFailed,
+)
+from pipeline.models import Registry
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import SynchronizedString
+
+    from pipeline.generation import ImageGenerator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    registry: Registry
+    model_name: str | None  # None: the worker picks flux2-dev if it sees CUDA, else tiny
+    cache_dir: Path
+
+
+def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
+    import torch
+
+    from pipeline.generation import ImageGenerator
+    from pipeline.loading import load_pipeline
+
+    registry = config.registry
+    spec = registry.get(config.model_name or registry.default_name(torch.cuda.is_available()))
+    log.warning(
+        "MODEL: %r (%s)%s", spec.name, spec.source, "" if config.model_name else ", chosen automatically"
+    )
+    started = time.perf_counter()
+    pipe, device = load_pipeline(spec, config.cache_dir)
+    ready = WorkerReady(
+        model=spec.name,
+        device=str(device),
+        dtype=spec.dtype,
+        load_seconds=time.perf_counter() - started,
+    )
+    return ImageGenerator(pipe), ready
+
+
+def _run_job(
+    generator: ImageGenerator, job: Job, outbox: Queue[FromWorker], cancelled_id: SynchronizedString
+) -> FromWorker:
+    import torch
+
+    from pipeline.errors import PipelineError
+
+    own_id = job.request_id.encode()
+
+    def on_step(step: int, total: int) -> None:
+        outbox.put(StepProgress(job.request_id, step, total))
+
+    def cancelled() -> bool:
+        return bool(cancelled_id.value == own_id)
+
+    started = time.perf_counter()
+    try:
+        return generator.generate(job.request_id, job.params, on_step, cancelled)
+    except PipelineError as exc:
+        kind, message, field = exc.kind, exc.message, exc.field
+    except torch.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        kind, message, field = FailureKind.OUT_OF_MEMORY, f"out of device memory: {exc}", None
+    except Exception as exc:
+        log.error("request %s failed:\n%s", job.request_id, traceback.format_exc())
+        kind, message, field = FailureKind.INTERNAL, f"{type(exc).__name__}: {exc}", None
+    return JobFailed(job.request_id, kind, message, field, time.perf_counter() - started)
+
+
+def run_worker(
+    config: WorkerConfig,
+    inbox: Queue[ToWorker],
+    outbox: Queue[FromWorker],
+    cancelled_id: SynchronizedString,
+) -> None:
+    """Load the model once, then serve jobs one at a time until told to shut down.
+
+    `cancelled_id` holds the id of a request the server wants stopped; the running job checks it after
+    every denoising step. Keyed by id, so a cancel that arrives late can never hit the next job.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    try:
+        generator, ready = _load(config)
+    except Exception as exc:
+        log.error("model load failed:\n%s", traceback.format_exc())
+        outbox.put(WorkerStartupFailed(f"{type(exc).__name__}: {exc}"))
+        return
+    log.info("model %r ready on %s in %.1f s", ready.model, ready.device, ready.load_seconds)
+    outbox.put(ready)
+    while True:
+        message = inbox.get()
+        if isinstance(message, Shutdown):
+            return
+        outbox.put(JobStarted(message.request_id))
+        outbox.put(_run_job(generator, message, outbox, cancelled_id))

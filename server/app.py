@@ -1,0 +1,62 @@
+"""The FastAPI application: routes, error handlers, and the worker's lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from pipeline.models import Registry
+from pipeline.worker import WorkerConfig
+from server import openapi
+from server.config import Settings
+from server.errors import FalHTTPError, handle_fal_error
+from server.files import FileStore
+from server.middleware import FalRoutingMiddleware
+from server.outputs import OutputBuilder
+from server.routes import ops, queue, run
+from server.scheduler import Scheduler, Worker
+from server.worker_process import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+WorkerFactory = Callable[[Scheduler], Worker]
+
+
+def create_app(
+    settings: Settings, registry: Registry, worker_factory: WorkerFactory | None = None
+) -> FastAPI:
+    """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
+    files = FileStore(settings.files_dir)
+    scheduler = Scheduler(OutputBuilder(files))
+
+    def spawn_worker(scheduler: Scheduler) -> Worker:
+        config = WorkerConfig(registry, settings.model, settings.cache_dir)
+        return WorkerProcess(config, scheduler.listener)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start((worker_factory or spawn_worker)(scheduler))
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(
+        title="flux2-lora-server",
+        version="0.1.0",
+        summary="FLUX.2 [dev] with LoRAs, behind fal's API for fal-ai/flux-2/lora",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.scheduler = scheduler
+    app.state.files = files
+    app.state.model_name = settings.model or "auto"
+    app.add_exception_handler(FalHTTPError, handle_fal_error)
+    app.add_middleware(FalRoutingMiddleware)
+    for module in (run, queue, ops):
+        app.include_router(module.router)
+    openapi.install(app)
+    return app

@@ -1,0 +1,47 @@
+"""Turning an HTTP request into a job record: JSON parsing, validation, priority, a fresh request id."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from server.errors import invalid_body, not_json_body
+from server.jobs import JobRecord, Priority
+from server.schemas import APPS
+
+_PRIORITIES = {"normal": Priority.NORMAL, "low": Priority.LOW}
+
+
+def base_url(request: Request) -> str:
+    """This server's URL as the client sees it (or the configured public URL), with a trailing slash."""
+    public: str | None = request.app.state.settings.public_url
+    return (public or str(request.base_url)).rstrip("/") + "/"
+
+
+async def new_record(app_id: str, request: Request) -> JobRecord:
+    """A record for the request; one whose body fails validation is born with its 422 outcome."""
+    record = JobRecord(
+        request_id=str(uuid.uuid4()),
+        app_id=app_id,
+        request_input={},
+        base_url=base_url(request),
+        priority=_PRIORITIES.get(request.headers.get("x-fal-queue-priority", "").lower(), Priority.NORMAL),
+    )
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, ValueError) as exc:
+        record.outcome = not_json_body(f"the request body is not valid JSON: {exc}")
+        return record
+    if isinstance(body, dict):
+        record.request_input = body
+    try:
+        validated = APPS[app_id].model_validate(body)
+    except ValidationError as exc:
+        record.outcome = invalid_body(exc)
+        return record
+    record.params = validated.to_params()
+    record.sync_mode = validated.sync_mode
+    return record

@@ -1,0 +1,43 @@
+"""Operations: liveness, readiness, and the generated files."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from server.errors import FalHTTPError
+from server.files import FileStore
+from server.scheduler import Scheduler, WorkerState
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", summary="Liveness: the HTTP side answers (the worker may still be loading)")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Readiness: 200 once the model is loaded, 503 before or after a failure")
+async def ready(request: Request) -> JSONResponse:
+    scheduler: Scheduler = request.app.state.scheduler
+    info = scheduler.ready_info
+    body = {
+        "ready": scheduler.state is WorkerState.READY,
+        "state": scheduler.state.value,
+        "model": info.model if info else request.app.state.model_name,
+        "device": info.device if info else None,
+        "dtype": info.dtype if info else None,
+        "queue_depth": scheduler.queue_depth,
+        "worker_restarts": scheduler.restarts,
+        "error": scheduler.failure,
+    }
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+@router.get("/files/{name}", summary="A generated image")
+async def file(request: Request, name: str) -> FileResponse:
+    files: FileStore = request.app.state.files
+    path = files.path(name)
+    if path is None:
+        raise FalHTTPError(404, {"detail": "File not found"})
+    return FileResponse(path)

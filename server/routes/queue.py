@@ -1,0 +1,151 @@
+"""The queue, the `queue.fal.run` host, under `/queue/`: submit, status, status stream, result, cancel.
+
+Submit uses the full app id (`fal-ai/flux-2/lora`); the other routes use only `owner/alias`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.errors import FalHTTPError, outcome_response
+from server.intake import new_record
+from server.jobs import JobRecord, JobStatus
+from server.middleware import REQUEST_ID_STATE
+from server.openapi import body_schema
+from server.scheduler import CancelResult, Scheduler
+from server.schemas import APPS
+
+router = APIRouter(prefix="/queue", tags=["queue"])
+
+_TRUE = {"1", "true", "yes", "on"}
+_REQUEST = "/{owner}/{alias}/requests/{request_id}"
+_STREAM_TICK_SECONDS = 1.0
+
+
+def _urls(record: JobRecord) -> dict[str, str]:
+    owner, alias = record.app_id.split("/")[:2]
+    base = f"{record.base_url}queue/{owner}/{alias}/requests/{record.request_id}"
+    return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+
+def _scheduler(request: Request) -> Scheduler:
+    scheduler: Scheduler = request.app.state.scheduler
+    return scheduler
+
+
+def _find(request: Request, owner: str, alias: str, request_id: str) -> JobRecord:
+    """The record, or a 404; the app in the URL must be the one the request was submitted to."""
+    setattr(request.state, REQUEST_ID_STATE, request_id)
+    record = _scheduler(request).jobs.get(request_id)
+    if record is None or record.app_id.split("/")[:2] != [owner, alias]:
+        raise FalHTTPError(404, {"detail": f"Request {request_id!r} not found"})
+    return record
+
+
+def status_body(scheduler: Scheduler, record: JobRecord, with_logs: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "status": record.status.value,
+        "request_id": record.request_id,
+        **_urls(record),
+        "queue_position": scheduler.queue_position(record),
+        "logs": [entry.to_json() for entry in record.logs] if with_logs else None,
+    }
+    if record.done:
+        assert record.outcome is not None
+        seconds = record.inference_seconds
+        body["metrics"] = {"inference_time": seconds} if seconds is not None else {}
+        if not record.outcome.ok:
+            body["error"] = record.outcome.error
+            body["error_type"] = record.outcome.error_type
+    return body
+
+
+def _wants_logs(request: Request) -> bool:
+    return request.query_params.get("logs", "0").lower() in _TRUE
+
+
+def _add_submit_route(app_id: str) -> None:
+    async def submit(request: Request) -> JSONResponse:
+        record = await new_record(app_id, request)
+        setattr(request.state, REQUEST_ID_STATE, record.request_id)
+        scheduler = _scheduler(request)
+        scheduler.accept(record)
+        body = {**status_body(scheduler, record, with_logs=False), "status": JobStatus.IN_QUEUE.value}
+        body["queue_position"] = body["queue_position"] or 0
+        return JSONResponse(body)
+
+    router.add_api_route(
+        f"/{app_id}",
+        submit,
+        methods=["POST"],
+        name=f"submit {app_id}",
+        summary=f"Queue a request for {app_id}; validation errors surface on the result URL",
+        openapi_extra=body_schema(APPS[app_id]),
+    )
+
+
+for _app_id in APPS:
+    _add_submit_route(_app_id)
+
+
+@router.get(_REQUEST + "/status", summary="A request's status: 202 until COMPLETED, then 200")
+async def status(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
+    record = _find(request, owner, alias, request_id)
+    body = status_body(_scheduler(request), record, _wants_logs(request))
+    return JSONResponse(body, status_code=200 if record.done else 202)
+
+
+@router.get(_REQUEST + "/status/stream", summary="Status as Server-Sent Events, closing after COMPLETED")
+async def status_stream(request: Request, owner: str, alias: str, request_id: str) -> StreamingResponse:
+    record = _find(request, owner, alias, request_id)
+    scheduler, with_logs = _scheduler(request), _wants_logs(request)
+    ping_seconds: float = request.app.state.settings.sse_ping_seconds
+
+    async def events() -> AsyncIterator[str]:
+        last_sent: dict[str, Any] | None = None
+        last_write = time.monotonic()
+        while True:
+            seen = record.version
+            body = status_body(scheduler, record, with_logs)
+            if body != last_sent:
+                yield f"data: {json.dumps(body)}\n\n"
+                last_sent, last_write = body, time.monotonic()
+                if record.done:
+                    return
+            elif time.monotonic() - last_write >= ping_seconds:
+                yield ": ping\n\n"
+                last_write = time.monotonic()
+            # Wake on any change to the record, and at least every tick for queue position and pings.
+            await record.wait_for_change(seen, min(_STREAM_TICK_SECONDS, ping_seconds))
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+@router.get(_REQUEST, summary="The output (or the model's error) of a completed request")
+async def result(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
+    record = _find(request, owner, alias, request_id)
+    if not record.done:
+        raise FalHTTPError(400, {"detail": "Request is still in progress"})
+    assert record.outcome is not None
+    return outcome_response(record.outcome)
+
+
+_CANCEL_CODES = {
+    CancelResult.REQUESTED: 202,
+    CancelResult.ALREADY_COMPLETED: 400,
+    CancelResult.NOT_FOUND: 404,
+}
+
+
+@router.put(_REQUEST + "/cancel", summary="Cancel a request: 202, or 400 when already completed")
+async def cancel(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
+    setattr(request.state, REQUEST_ID_STATE, request_id)
+    outcome = _scheduler(request).cancel(request_id)
+    return JSONResponse({"status": outcome.value}, status_code=_CANCEL_CODES[outcome])

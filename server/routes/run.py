@@ -1,0 +1,54 @@
+"""Synchronous runs, the `fal.run` host: `POST /fal-ai/flux-2/lora` answers with the output itself."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from server.errors import outcome_response
+from server.intake import new_record
+from server.jobs import JobRecord
+from server.middleware import REQUEST_ID_STATE
+from server.openapi import body_schema
+from server.scheduler import Scheduler
+from server.schemas import APPS, Flux2Output
+
+router = APIRouter(tags=["sync"])
+
+_DISCONNECT_POLL_SECONDS = 0.5
+
+
+async def _wait_or_cancel(scheduler: Scheduler, record: JobRecord, request: Request) -> bool:
+    """Wait for the outcome; a client that hangs up cancels its request rather than leave GPU work behind."""
+    while not record.done:
+        await record.wait_for_change(record.version, _DISCONNECT_POLL_SECONDS)
+        if not record.done and await request.is_disconnected():
+            scheduler.cancel(record.request_id)
+            return False
+    return True
+
+
+def _add_route(app_id: str) -> None:
+    async def run(request: Request) -> JSONResponse:
+        scheduler: Scheduler = request.app.state.scheduler
+        record = await new_record(app_id, request)
+        setattr(request.state, REQUEST_ID_STATE, record.request_id)
+        scheduler.accept(record)
+        if not await _wait_or_cancel(scheduler, record, request):
+            return JSONResponse({"detail": "client disconnected"}, status_code=499)  # nobody reads this
+        assert record.outcome is not None
+        return outcome_response(record.outcome)
+
+    router.add_api_route(
+        f"/{app_id}",
+        run,
+        methods=["POST"],
+        name=f"run {app_id}",
+        summary=f"Run {app_id} and wait for the output",
+        response_model=Flux2Output,
+        openapi_extra=body_schema(APPS[app_id]),
+    )
+
+
+for _app_id in APPS:
+    _add_route(_app_id)

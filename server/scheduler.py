@@ -1,0 +1,196 @@
+"""The queue front: accepts requests, orders them, feeds the worker one at a time, records outcomes.
+
+Everything here runs on the event loop thread; the worker's messages arrive there too, so no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from enum import StrEnum
+from typing import Protocol
+
+from pipeline.messages import (
+    FailureKind,
+    FromWorker,
+    Job,
+    JobFailed,
+    JobStarted,
+    JobSucceeded,
+    StepProgress,
+    WorkerReady,
+    WorkerStartupFailed,
+)
+from server.errors import Outcome, failure_outcome, request_error, worker_lost
+from server.jobs import JobRecord, JobStatus, Priority
+from server.outputs import OutputBuilder
+from server.worker_process import Listener, WorkerExited
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    """What the scheduler needs of a worker; `WorkerProcess` in production, stand-ins in unit tests."""
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    def submit(self, job: Job) -> None: ...
+    def cancel(self, request_id: str) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"  # loading the model
+    READY = "ready"
+    FAILED = "failed"  # the model could not be loaded; nothing will run
+    STOPPED = "stopped"
+
+
+class CancelResult(StrEnum):
+    REQUESTED = "CANCELLATION_REQUESTED"
+    ALREADY_COMPLETED = "ALREADY_COMPLETED"
+    NOT_FOUND = "NOT_FOUND"
+
+
+class Scheduler:
+    def __init__(self, outputs: OutputBuilder, max_restarts: int = 3) -> None:
+        self.outputs = outputs
+        self.jobs: dict[str, JobRecord] = {}
+        self.state = WorkerState.STOPPED
+        self.ready_info: WorkerReady | None = None
+        self.failure: str | None = None
+        self.restarts = 0
+        self._max_restarts = max_restarts
+        self._pending: dict[Priority, deque[JobRecord]] = {p: deque() for p in Priority}
+        self._running: JobRecord | None = None
+        self._worker: Worker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def listener(self) -> Listener:
+        return self._on_message
+
+    def start(self, worker: Worker) -> None:
+        self._worker = worker
+        self._loop = asyncio.get_running_loop()
+        self.state = WorkerState.STARTING
+        worker.start(self._loop)
+
+    def stop(self) -> None:
+        self.state = WorkerState.STOPPED
+        if self._worker is not None:
+            self._worker.stop()
+
+    # --- requests ----------------------------------------------------------------------------------------
+
+    def accept(self, record: JobRecord) -> None:
+        """Take ownership of a request; it will end COMPLETED whatever happens."""
+        self.jobs[record.request_id] = record
+        if record.outcome is not None:  # refused at validation: completed on arrival, as fal does
+            record.move_to(JobStatus.COMPLETED)
+            return
+        if self.state is WorkerState.FAILED:
+            record.complete(self._unavailable())
+            return
+        self._pending[record.priority].append(record)
+        self._dispatch()
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        if record.status is not JobStatus.IN_QUEUE:
+            return None
+        ahead = 0
+        for priority in Priority:
+            queue = self._pending[priority]
+            if record in queue:
+                return ahead + queue.index(record)
+            ahead += len(queue)
+        return ahead
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(len(q) for q in self._pending.values())
+
+    def cancel(self, request_id: str) -> CancelResult:
+        record = self.jobs.get(request_id)
+        if record is None:
+            return CancelResult.NOT_FOUND
+        if record.done:
+            return CancelResult.ALREADY_COMPLETED
+        if record.status is JobStatus.IN_QUEUE:
+            self._pending[record.priority].remove(record)
+            record.complete(
+                failure_outcome(JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled"), {})
+            )
+        elif self._worker is not None:
+            record.log("cancellation requested")
+            self._worker.cancel(request_id)
+        return CancelResult.REQUESTED
+
+    # --- the worker --------------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self.state is not WorkerState.READY or self._running is not None or self._worker is None:
+            return
+        for priority in Priority:
+            if self._pending[priority]:
+                record = self._pending[priority].popleft()
+                break
+        else:
+            return
+        assert record.params is not None
+        self._running = record
+        record.move_to(JobStatus.IN_PROGRESS)
+        self._worker.submit(Job(record.request_id, record.params))
+
+    def _on_message(self, message: FromWorker | WorkerExited) -> None:
+        running = self._running
+        if isinstance(message, WorkerReady):
+            self.state, self.ready_info, self.failure = WorkerState.READY, message, None
+            log.warning("READY: model %r on %s (%s), loaded in %.1f s", message.model, message.device,
+                        message.dtype, message.load_seconds)  # fmt: skip
+        elif isinstance(message, WorkerStartupFailed):
+            self._fail_permanently(f"the model could not be loaded: {message.message}")
+        elif isinstance(message, WorkerExited):
+            self._on_worker_exit(message)
+        elif running is None or message.request_id != running.request_id:
+            log.error("ignoring a worker message for a request not in progress: %r", message)
+        elif isinstance(message, JobStarted):
+            running.log("generation started")
+        elif isinstance(message, StepProgress):
+            running.log(f"step {message.step}/{message.total}")
+        elif isinstance(message, JobSucceeded):
+            self._finish(running, self.outputs.build(running, message), message.inference_seconds)
+        elif isinstance(message, JobFailed):
+            self._finish(running, failure_outcome(message, running.request_input), message.inference_seconds)
+        self._dispatch()
+
+    def _finish(self, record: JobRecord, outcome: Outcome, inference_seconds: float | None) -> None:
+        self._running = None
+        if not outcome.ok:
+            record.log(outcome.error or "failed", level="ERROR")
+        record.complete(outcome, inference_seconds)
+
+    def _on_worker_exit(self, exited: WorkerExited) -> None:
+        detail = f"the GPU worker exited unexpectedly (exit code {exited.exitcode})"
+        if self._running is not None:
+            self._finish(self._running, worker_lost(detail), None)
+        if self.state is not WorkerState.READY or self.restarts >= self._max_restarts:
+            self._fail_permanently(detail)
+            return
+        self.restarts += 1
+        log.error("%s; restarting it (%d of %d)", detail, self.restarts, self._max_restarts)
+        assert self._worker is not None and self._loop is not None
+        self.state = WorkerState.STARTING
+        self._worker.start(self._loop)
+
+    def _fail_permanently(self, reason: str) -> None:
+        log.error("NOT SERVING: %s", reason)
+        self.state, self.failure = WorkerState.FAILED, reason
+        for queue in self._pending.values():
+            while queue:
+                queue.popleft().complete(self._unavailable())
+
+    def _unavailable(self) -> Outcome:
+        return request_error(503, f"the model is unavailable: {self.failure}", "runner_scheduling_failure")

@@ -1,0 +1,112 @@
+"""fal's input and output schema for `fal-ai/flux-2/lora` and `fal-ai/flux-2`: defaults, bounds, types."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.messages import GenerationParams, LoraRequest
+
+ImageSizePreset = Literal[
+    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
+]
+
+PRESET_SIZES: dict[str, tuple[int, int]] = {  # name -> (width, height), as fal's toolkit defines them
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
+
+SIZE_MULTIPLE = 16  # FLUX.2 latents are 8x downsampled, then patchified 2x2
+MAX_SEED = 2**64 - 1
+
+
+class ImageSize(BaseModel):
+    width: int = Field(default=512, ge=512, le=2048, description="Rounded to the nearest multiple of 16.")
+    height: int = Field(default=512, ge=512, le=2048, description="Rounded to the nearest multiple of 16.")
+
+
+class LoraWeight(BaseModel):
+    path: str = Field(min_length=1, description="URL, Hugging Face repo id, or a path under a LoRA folder.")
+    scale: float = Field(default=1.0, ge=0.0, le=4.0)
+
+
+class Flux2Input(BaseModel):
+    """The body of `POST fal-ai/flux-2`; unknown fields are ignored, as fal does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    guidance_scale: float = Field(default=2.5, ge=0.0, le=20.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random (and reported) if absent.")
+    num_inference_steps: int = Field(default=28, ge=4, le=50)
+    image_size: ImageSizePreset | ImageSize = "landscape_4_3"
+    num_images: int = Field(default=1, ge=1, le=4)
+    acceleration: Literal["none", "regular", "high"] = "regular"
+    enable_prompt_expansion: bool = False
+    sync_mode: bool = False
+    enable_safety_checker: bool = True
+    output_format: Literal["jpeg", "png", "webp"] = "png"
+
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) in pixels; custom sides round to the nearest multiple of 16, halves up."""
+        if isinstance(self.image_size, str):
+            return PRESET_SIZES[self.image_size]
+        return _round_side(self.image_size.width), _round_side(self.image_size.height)
+
+    def to_params(self) -> GenerationParams:
+        width, height = self.dimensions()
+        return GenerationParams(
+            prompt=self.prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed if self.seed is not None else secrets.randbits(63),
+            num_images=self.num_images,
+            output_format=self.output_format,
+            acceleration=self.acceleration,
+            enable_safety_checker=self.enable_safety_checker,
+            enable_prompt_expansion=self.enable_prompt_expansion,
+            loras=tuple(LoraRequest(lora.path, lora.scale) for lora in getattr(self, "loras", ())),
+        )
+
+
+class Flux2LoraInput(Flux2Input):
+    """The body of `POST fal-ai/flux-2/lora`."""
+
+    loras: list[LoraWeight] = Field(default_factory=list, max_length=3)
+
+
+def _round_side(pixels: int) -> int:
+    return (pixels + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE * SIZE_MULTIPLE
+
+
+class File(BaseModel):
+    url: str
+    content_type: str
+    file_name: str
+    file_size: int
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    inference: float
+
+
+class Flux2Output(BaseModel):
+    images: list[File]
+    timings: Timings
+    seed: int
+    has_nsfw_concepts: list[bool]
+    prompt: str
+
+
+# The apps this server answers for, by fal app id; each id's input model.
+APPS: dict[str, type[Flux2Input]] = {"fal-ai/flux-2/lora": Flux2LoraInput, "fal-ai/flux-2": Flux2Input}
