@@ -42,7 +42,7 @@ def load_pipeline(spec: HubModel | TinyModel, cache_dir: Path) -> tuple[Flux2Pip
     device = resolve_device(spec)
     source, hub_kwargs = _source_folder(spec, cache_dir)
     log.info("loading model %r from %s (%s on %s)", spec.name, source, spec.dtype, device)
-    pipe = Flux2Pipeline.from_pretrained(source, torch_dtype=_DTYPES[spec.dtype], **hub_kwargs)  # type: ignore[no-untyped-call]
+    pipe = Flux2Pipeline.from_pretrained(source, dtype=_DTYPES[spec.dtype], **hub_kwargs)  # type: ignore[no-untyped-call]
     pipe.set_progress_bar_config(disable=True)
     if (
         device.type == "cuda"

@@ -57,13 +57,19 @@ class StandInWorker:
             return
         p = job.params
         image = EncodedImage(png(p.width, p.height), "image/png", p.width, p.height)
-        self.listener(JobSucceeded(job.request_id, (image,) * p.num_images, p.seed, p.prompt, (False,) * p.num_images, 0.01))
+        self.listener(
+            JobSucceeded(
+                job.request_id, (image,) * p.num_images, p.seed, p.prompt, (False,) * p.num_images, 0.01
+            )
+        )
 
     def cancel(self, request_id: str) -> None:
         assert self._loop is not None
         if self._running is not None and self._running.request_id == request_id:
             self._running = None
-            self._loop.call_soon(self.listener, JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled"))
+            self._loop.call_soon(
+                self.listener, JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled")
+            )
 
     def stop(self, timeout: float = 10.0) -> None:
         self._running = None

@@ -1,0 +1,280 @@
+"""A tiny random-weight FLUX.2 [dev]-shaped pipeline, built offline.
+
+The real `black-forest-labs/FLUX.2-dev` (56 B parameters, gated) cannot be downloaded on development or CI
+machines, and a hand-written fake pipeline would test nothing. So this module builds every component the
+real model folder has (transformer, VAE, Mistral-3 text encoder, Pixtral processor with a tokenizer and chat
+template, scheduler) at toy sizes, saves it with `save_pretrained`, and the server then loads it through the
+very same `Flux2Pipeline.from_pretrained(folder)` code path. Images are noise, but every line of diffusers,
+transformers and peft code that runs for the real model runs for this one.
+
+The folder is built at first use instead of being committed, because the saved tokenizer format follows the
+installed transformers version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+)
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralImageProcessor,
+    PixtralProcessor,
+    PixtralVisionConfig,
+    PreTrainedTokenizerFast,
+)
+
+TINY_FORMAT_VERSION: int = 1
+"""Part of the cache folder name: bump it whenever `build_tiny_pipeline` writes something different."""
+
+# The real model's text encoder feeds hidden states of layers (10, 20, 30) to the transformer; 30 layers keep
+# the pipeline's default `text_encoder_out_layers` valid, so callers never pass a tiny-only value.
+_TEXT_LAYERS = 30
+_TEXT_OUT_LAYERS = 3
+_TEXT_HIDDEN = 16
+
+# Special tokens in Mistral's (Tekken) order, so that ids such as [IMG] = 10 match the real tokenizer and the
+# Mistral3Config defaults (image_token_index=10) hold unchanged.
+_SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+)
+
+# Mistral's instruct format, reduced to what Flux2Pipeline sends: system and user turns whose content is a
+# string or a list of {"type": "text"|"image"} parts (images become one [IMG] placeholder that the processor
+# expands), and assistant turns for prompt upsampling with `generate`.
+_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- elif part['type'] == 'image' -%}[IMG]"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}[SYSTEM_PROMPT]{{ render(message['content']) }}[/SYSTEM_PROMPT]"
+    "{%- elif message['role'] == 'user' -%}[INST]{{ render(message['content']) }}[/INST]"
+    "{%- elif message['role'] == 'assistant' -%}{{ render(message['content']) }}{{ eos_token }}"
+    "{%- else -%}{{ raise_exception('unsupported role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# Vision tower: patch 4 merged 2x2 gives one [IMG] token per 8x8 pixels; images are capped at 64 px so an
+# upsampling prompt with images stays far below the pipeline's 2048-token limit.
+_VISION_PATCH = 4
+_SPATIAL_MERGE = 2
+_IMAGE_LONGEST_EDGE = 64
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE without merges: every UTF-8 byte has its own id, so any prompt round-trips and
+    different prompts always give different ids (a small word vocabulary would map most prompts to <unk>)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
+    vocab.update({symbol: len(_SPECIAL_TOKENS) + i for i, symbol in enumerate(alphabet)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # Special tokens must be matched whole inside the rendered chat template, never split into bytes.
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in _SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        model_max_length=131072,
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+
+def _processor() -> PixtralProcessor:
+    image_processor = PixtralImageProcessor(
+        size={"longest_edge": _IMAGE_LONGEST_EDGE},
+        patch_size={"height": _VISION_PATCH * _SPATIAL_MERGE, "width": _VISION_PATCH * _SPATIAL_MERGE},
+    )
+    return PixtralProcessor(
+        image_processor=image_processor,
+        tokenizer=_tokenizer(),
+        patch_size=_VISION_PATCH,
+        spatial_merge_size=_SPATIAL_MERGE,
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+
+def _text_encoder(vocab_size: int, special: PreTrainedTokenizerFast) -> Mistral3ForConditionalGeneration:
+    text_config = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=_TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=4096,
+        bos_token_id=special.bos_token_id,
+        eos_token_id=special.eos_token_id,
+        pad_token_id=special.pad_token_id,
+    )
+    vision_config = PixtralVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=8,
+        patch_size=_VISION_PATCH,
+        image_size=_IMAGE_LONGEST_EDGE,
+    )
+    config = Mistral3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=special.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=_SPATIAL_MERGE,
+    )
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def _transformer() -> Flux2Transformer2DModel:
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,  # the VAE's 1 latent channel, patchified 2x2 by the pipeline
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_TEXT_HIDDEN * _TEXT_OUT_LAYERS,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+
+
+def _vae() -> AutoencoderKLFlux2:
+    # Four levels, like the real VAE: 8x downsampling keeps the image token count (and the mid-block attention
+    # over every latent pixel) as small as FLUX.2's at fal's sizes; one level would be 64x more latent pixels.
+    return AutoencoderKLFlux2(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 4, 4, 4),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:
+    """Write a complete tiny pipeline into `folder`; the same seed always gives the same weights."""
+    processor = _processor()
+    tokenizer = processor.tokenizer
+    # fork_rng: building must not disturb the caller's global RNG stream (tests seeding torch, for one).
+    with torch.random.fork_rng(devices=[]):
+        # Each component gets its own derived seed, so changing one builder leaves the others' weights alone.
+        torch.manual_seed(seed)
+        text_encoder = _text_encoder(len(tokenizer), tokenizer)
+        torch.manual_seed(seed + 1)
+        transformer = _transformer()
+        torch.manual_seed(seed + 2)
+        vae = _vae()
+    pipe = Flux2Pipeline(
+        scheduler=_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=processor,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+
+
+def _folder_name(seed: int) -> str:
+    return (
+        f"flux2-tiny-v{TINY_FORMAT_VERSION}-seed{seed}"
+        f"-transformers{transformers.__version__}-diffusers{diffusers.__version__}"
+    )
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """An flock that the kernel drops when its holder dies, so a crashed builder never blocks the next one."""
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_tiny_pipeline(cache_root: Path, seed: int = 0) -> Path:
+    """The tiny pipeline's folder under `cache_root`, built on first use.
+
+    The folder only ever appears complete: it is built in a temporary sibling and renamed into place (atomic
+    on one filesystem), under a lock so that concurrent processes build it once and all get the same folder.
+    """
+    final = cache_root / _folder_name(seed)
+    if final.is_dir():
+        return final
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(cache_root / f".{final.name}.lock"):
+        if final.is_dir():  # another process finished it while this one waited for the lock
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=cache_root))
+        try:
+            build_tiny_pipeline(staging, seed=seed)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return final

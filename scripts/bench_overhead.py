@@ -1,0 +1,100 @@
+"""What the server adds on top of the pipeline, per request, measured side by side in one run.
+
+The same tiny-model request runs N times directly through Flux2Pipeline (in this process) and N times
+through a live server with the real fal_client, interleaved so both see the same machine state. Prints the
+median end-to-end time of each path, the median overhead in ms, and the ratio.
+
+    .venv/bin/python scripts/bench_overhead.py [-n 30] [--size square] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import fal_client  # noqa: E402
+import fal_client.client  # noqa: E402
+import torch  # noqa: E402
+from diffusers import Flux2Pipeline  # noqa: E402
+
+from pipeline.generation import pipeline_kwargs  # noqa: E402
+from pipeline.images import encode_image  # noqa: E402
+from pipeline.tiny import ensure_tiny_pipeline  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.schemas import Flux2LoraInput  # noqa: E402
+from tests.live import LiveServer  # noqa: E402
+
+APP = "fal-ai/flux-2/lora"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=30, help="requests per path")
+    parser.add_argument("--size", default="square", help="an image_size preset")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+
+    cache_dir = Settings.load().cache_dir
+    request = {
+        "prompt": "a lighthouse at dusk",
+        "image_size": args.size,
+        "num_inference_steps": args.steps,
+        "seed": 1,
+    }
+    params = Flux2LoraInput.model_validate(request).to_params()
+    pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def direct() -> None:
+        with torch.inference_mode():
+            pipe(**pipeline_kwargs(params))
+
+    def direct_encoded() -> None:
+        with torch.inference_mode():
+            image = pipe(**pipeline_kwargs(params)).images[0]
+        encode_image(image, params.output_format)
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = LiveServer(Path(data_dir), "--model", "tiny", env={"FLUX2_CACHE_DIR": str(cache_dir)})
+        try:
+            server.wait_ready()
+            fal_client.client.RUN_URL_FORMAT = f"{server.url}/"
+            fal_client.client.QUEUE_URL_FORMAT = f"{server.url}/queue/"
+            client = fal_client.SyncClient(key="bench")
+            paths = {
+                "pipeline call": direct,
+                "pipeline call + encode": direct_encoded,
+                "server, fal_client.run": lambda: client.run(APP, request),
+                "server, fal_client.subscribe": lambda: client.subscribe(APP, request, client_timeout=60),
+            }
+            for call in paths.values():  # warm-up: first calls allocate and fill caches
+                call()
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(args.n):
+                for name, call in paths.items():
+                    started = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - started)
+        finally:
+            server.stop()
+
+    base = statistics.median(times["pipeline call"])
+    print(f"{args.n} requests per path, {args.size} at {args.steps} steps, tiny model, torch threads "
+          f"{torch.get_num_threads()}")  # fmt: skip
+    print(f"{'path':32} {'median ms':>10} {'overhead ms':>12} {'ratio':>7}")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"{name:32} {median * 1e3:10.1f} {(median - base) * 1e3:12.1f} {median / base:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
