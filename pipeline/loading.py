@@ -19,6 +19,20 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 _FULL_RESIDENCY_BYTES = 125 * 1024**3
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+# diffusers 0.42 passes tokenizer options to transformers 5's apply_chat_template the old way, which warns
+# on every prompt; harmless, and it would drown the server's own log.
+logging.getLogger("transformers.processing_utils").addFilter(_DropMessage("have to be in `processor_kwargs`"))
+
+
 def resolve_device(spec: HubModel | TinyModel) -> torch.device:
     if spec.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import shutil
 import tempfile
@@ -97,6 +98,11 @@ _CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+# Random init, retuned so that the prompt visibly steers the image (see `_text_encoder` and `_transformer`).
+_EMBEDDING_STD = 0.5
+_LINEAR_GAIN = 1.5
+_QK_NORM_SCALE = 4.0
+
 # Vision tower: patch 4 merged 2x2 gives one [IMG] token per 8x8 pixels; images are capped at 64 px so an
 # upsampling prompt with images stays far below the pipeline's 2048-token limit.
 _VISION_PATCH = 4
@@ -169,12 +175,17 @@ def _text_encoder(vocab_size: int, special: PreTrainedTokenizerFast) -> Mistral3
         vision_config=vision_config,
         image_token_index=special.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=_SPATIAL_MERGE,
+        tie_word_embeddings=False,  # as in Mistral Small 3.x
     )
-    return Mistral3ForConditionalGeneration(config).eval()
+    model = Mistral3ForConditionalGeneration(config).eval()
+    # With transformers' default std of 0.02 the token embeddings are drowned by what 30 layers add, and the
+    # hidden states of two prompts hardly differ; larger embeddings keep each token's identity visible.
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=_EMBEDDING_STD)
+    return model
 
 
 def _transformer() -> Flux2Transformer2DModel:
-    return Flux2Transformer2DModel(
+    model = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4,  # the VAE's 1 latent channel, patchified 2x2 by the pipeline
         num_layers=1,
@@ -185,6 +196,18 @@ def _transformer() -> Flux2Transformer2DModel:
         timestep_guidance_channels=256,
         axes_dims_rope=(4, 4, 4, 4),
     )
+    # PyTorch's default Linear init shrinks activations ~1.7x per layer: the timestep modulation gates come out
+    # near 0.03, the blocks barely touch the residual stream and the text changes the image by ~1e-5, which
+    # bf16 rounds away. Variance-keeping weights make the gates O(1), and sharper attention (larger q/k
+    # RMSNorm weights) stops image tokens from averaging all 512 text tokens into the same mean for every
+    # prompt.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=_LINEAR_GAIN / math.sqrt(module.in_features))
+    for name, parameter in model.named_parameters():
+        if name.rsplit(".", 2)[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            torch.nn.init.constant_(parameter, _QK_NORM_SCALE)
+    return model
 
 
 def _vae() -> AutoencoderKLFlux2:
@@ -273,8 +296,13 @@ def ensure_tiny_pipeline(cache_root: Path, seed: int = 0) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=cache_root))
         try:
             build_tiny_pipeline(staging, seed=seed)
+            staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared with other users
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            # flock is advisory and not honoured by every network filesystem: a builder that bypassed the lock
+            # may have won the rename, and its folder is as good as ours.
+            if final.is_dir():
+                return final
             raise
     return final

@@ -87,13 +87,15 @@ def main() -> None:
         finally:
             server.stop()
 
-    base = statistics.median(times["pipeline call"])
+    bare = statistics.median(times["pipeline call"])
+    encoded = statistics.median(times["pipeline call + encode"])
     print(f"{args.n} requests per path, {args.size} at {args.steps} steps, tiny model, torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
-    print(f"{'path':32} {'median ms':>10} {'overhead ms':>12} {'ratio':>7}")
+    print(f"{'path':30} {'median ms':>10} {'over call ms':>13} {'ratio':>6} {'over call+encode ms':>20}")
     for name, samples in times.items():
         median = statistics.median(samples)
-        print(f"{name:32} {median * 1e3:10.1f} {(median - base) * 1e3:12.1f} {median / base:7.3f}")
+        print(f"{name:30} {median * 1e3:10.1f} {(median - bare) * 1e3:13.1f} {median / bare:6.3f} "
+              f"{(median - encoded) * 1e3:20.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

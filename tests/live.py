@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_SECONDS = 300
+JS_DIR = ROOT / "tests" / "js"
 
 
 def free_port() -> int:
@@ -73,3 +75,12 @@ class LiveServer:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+def node_available() -> bool:
+    """Whether the JS client tests can run; in CI they must."""
+    if (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
+        return True
+    if os.environ.get("CI"):
+        pytest.fail("CI must run the JS client tests: scripts/setup installs tests/js with npm")
+    return False

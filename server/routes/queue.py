@@ -108,14 +108,18 @@ async def status_stream(request: Request, owner: str, alias: str, request_id: st
     ping_seconds: float = request.app.state.settings.sse_ping_seconds
 
     async def events() -> AsyncIterator[str]:
-        last_sent: dict[str, Any] | None = None
+        # Each event carries only the log entries not sent before: the JS client appends them to a list.
+        last_state: dict[str, Any] | None = None
+        logs_sent = 0
         last_write = time.monotonic()
         while True:
             seen = record.version
-            body = status_body(scheduler, record, with_logs)
-            if body != last_sent:
-                yield f"data: {json.dumps(body)}\n\n"
-                last_sent, last_write = body, time.monotonic()
+            state = status_body(scheduler, record, with_logs=False)
+            new_logs = record.logs[logs_sent:] if with_logs else []
+            if state != last_state or new_logs:
+                event = {**state, "logs": [entry.to_json() for entry in new_logs] if with_logs else None}
+                yield f"data: {json.dumps(event)}\n\n"
+                last_state, logs_sent, last_write = state, logs_sent + len(new_logs), time.monotonic()
                 if record.done:
                     return
             elif time.monotonic() - last_write >= ping_seconds:

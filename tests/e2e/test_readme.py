@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import LiveServer
+from tests.live import JS_DIR, LiveServer, node_available
 
 ROOT = Path(__file__).resolve().parents[2]
-JS_DIR = ROOT / "tests" / "js"
 README_ADDRESS = "http://127.0.0.1:8000"
 
 
@@ -30,14 +28,6 @@ def test_python_snippet(live_server: LiveServer) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].startswith(f"{live_server.url}/files/")
     assert "Completed" in run.stdout
-
-
-def node_available() -> bool:
-    if (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
-        return True
-    if os.environ.get("CI"):
-        pytest.fail("CI must run the JS client tests: scripts/setup installs tests/js with npm")
-    return False
 
 
 def test_js_snippet(live_server: LiveServer) -> None:

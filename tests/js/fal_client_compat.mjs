@@ -35,7 +35,7 @@ const PROXY_URL = `${BASE}/api/fal/proxy`;
 const TIMEOUT_S = Number(process.env.FAL_TEST_TIMEOUT_S || 600);
 const CANCEL_BLOCKERS = Number(process.env.FAL_CANCEL_BLOCKERS || 1);
 const CANCEL_BLOCKER_STEPS = Number(process.env.FAL_CANCEL_BLOCKER_STEPS || 50);
-const CANCEL_ATTEMPTS = 6; // blockers double on each attempt: 1, 2, 4, 8, 16, 32 by default
+const CANCEL_ATTEMPTS = 6; // requests ahead double on each attempt: 1, 2, 4, 8, 16, 32 by default
 const VERBOSE = process.env.FAL_TEST_VERBOSE === "1";
 
 const INPUT = { prompt: "a red fox in fresh snow, photograph", image_size: "square", num_inference_steps: 4, seed: 7 };
@@ -335,40 +335,53 @@ async function waitCompleted(id, what) {
 
 async function scenarioCancel() {
   // The request to cancel must still be queued when the cancel arrives, so submit some requests
-  // ahead of it; a fast server (the tiny model) may get through them first, so double them and
-  // try again, a few times, before calling it a failure.
-  let blockers = [];
-  let id;
-  let before;
-  let attempts = 0;
+  // ahead of it and cancel right after its submit. A fast server (the tiny model) may get through
+  // them first (the cancel answers 400 ALREADY_COMPLETED, or the request runs and has images):
+  // then double the requests ahead and try again, a few times, before calling it a failure.
+  let blockers;
+  let target;
+  let cancelCall;
+  let after;
+  let resultOutcome;
+  const tooLate = [];
   for (let count = CANCEL_BLOCKERS; ; count *= 2) {
-    attempts += 1;
     const input = { ...INPUT, num_inference_steps: CANCEL_BLOCKER_STEPS };
     blockers = await Promise.all(Array.from({ length: count }, () => fal.queue.submit(ENDPOINT, { input })));
-    id = (await fal.queue.submit(ENDPOINT, { input: INPUT })).request_id;
-    before = await fal.queue.status(ENDPOINT, { requestId: id, logs: false });
-    if (before.status === "IN_QUEUE") break;
-    for (const b of [...blockers, { request_id: id }]) await waitCompleted(b.request_id, "request submitted for the cancel test");
-    check(attempts < CANCEL_ATTEMPTS,
-      `cancel: the request to cancel was already ${before.status} before the cancel, even with ${count} request(s) ahead of it `
-      + `(${attempts} attempts); the server is too fast for this test (raise FAL_CANCEL_BLOCKERS / FAL_CANCEL_BLOCKER_STEPS)`);
+    target = await fal.queue.submit(ENDPOINT, { input: INPUT });
+    check(target.status === "IN_QUEUE", `cancel: submit answered status ${short(target.status)}`);
+    const callsBefore = wire.length;
+    let why;
+    try {
+      const returned = await fal.queue.cancel(ENDPOINT, { requestId: target.request_id });
+      check(returned === undefined, `cancel: the client returned ${short(returned)}`);
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 400 && error.body?.status === "ALREADY_COMPLETED")) throw error;
+      why = "cancel answered 400 ALREADY_COMPLETED";
+    }
+    const cancelCalls = callsMatching(wire.slice(callsBefore), "PUT", RE.cancel);
+    check(cancelCalls.length === 1, `cancel: expected one PUT .../requests/${target.request_id}/cancel, saw ${cancelCalls.length}`);
+    cancelCall = cancelCalls[0];
+    if (!why) {
+      check(cancelCall.status === 202, `cancel: answered HTTP ${cancelCall.status}, expected 202`);
+      after = await waitCompleted(target.request_id, "cancelled request");
+      // What result() gives for a cancelled request is not pinned down by fal: report it. Only
+      // images mean the cancel came too late (the request was already running).
+      try {
+        const r = await fal.queue.result(ENDPOINT, { requestId: target.request_id });
+        resultOutcome = { ok: true, data: short(r.data) };
+        if (Array.isArray(r.data?.images) && r.data.images.length > 0) why = "cancel answered 202 but the request still ran and returned images";
+      } catch (error) {
+        resultOutcome = { ok: false, class: error?.constructor?.name, status: error?.status, body: short(error?.body) };
+      }
+    }
+    if (!why) break;
+    tooLate.push(`${count} ahead: ${why}`);
+    for (const r of [...blockers, target]) await waitCompleted(r.request_id, "request submitted for the cancel test");
+    check(tooLate.length < CANCEL_ATTEMPTS,
+      `cancel: could not cancel a queued request (${tooLate.join("; ")}); either the server got through the requests `
+      + "ahead of it first (raise FAL_CANCEL_BLOCKERS / FAL_CANCEL_BLOCKER_STEPS) or it does not cancel queued requests");
   }
-
-  const callsBefore = wire.length;
-  const returned = await fal.queue.cancel(ENDPOINT, { requestId: id }); // throws ApiError on any non-2xx
-  const cancelCalls = callsMatching(wire.slice(callsBefore), "PUT", RE.cancel);
-  check(cancelCalls.length === 1, `cancel: expected one PUT .../requests/${id}/cancel, saw ${cancelCalls.length}`);
-  check(cancelCalls[0].status === 202, `cancel: answered HTTP ${cancelCalls[0].status}, expected 202 for a queued request`);
-
-  const after = await waitCompleted(id, "cancelled request");
-  // What result() gives for a cancelled request is not pinned down by fal; report it, do not judge it.
-  let resultOutcome;
-  try {
-    const r = await fal.queue.result(ENDPOINT, { requestId: id });
-    resultOutcome = { ok: true, data: short(r.data) };
-  } catch (error) {
-    resultOutcome = { ok: false, class: error?.constructor?.name, status: error?.status, body: short(error?.body) };
-  }
+  const id = target.request_id;
 
   // The queue keeps working: the request(s) ahead finish normally.
   for (const b of blockers) {
@@ -378,7 +391,8 @@ async function scenarioCancel() {
     check(Array.isArray(r.data?.images) && r.data.images.length >= 1, `cancel: the request ahead returned no images: ${short(r.data)}`);
   }
   return {
-    requestId: id, attempts, requests_ahead: blockers.length, status_before: before.status, cancel_returned: returned ?? null, cancel_http: cancelCalls[0].status,
+    requestId: id, attempts: tooLate.length + 1, requests_ahead: blockers.length, queue_position_at_submit: target.queue_position,
+    cancel_http: cancelCall.status,
     status_after: after.status, after_error: after.error ?? null, result_after_cancel: resultOutcome,
   };
 }

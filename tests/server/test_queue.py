@@ -116,7 +116,10 @@ def test_status_stream_closes_after_completed(harness: Harness) -> None:
         text = stream.read().decode()
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1]["status"] == "COMPLETED"
-    assert isinstance(events[-1]["logs"], list)
+    # Each event carries only new entries (the JS client concatenates them): together, the full log once.
+    streamed = [entry for event in events for entry in event["logs"]]
+    assert streamed == harness.client.get(data["status_url"], params={"logs": 1}).json()["logs"]
+    assert len(streamed) >= 2
 
 
 def test_status_stream_pings_while_waiting(held: Harness) -> None:
