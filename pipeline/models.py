@@ -79,7 +79,7 @@ def load_registry(path: Path) -> Registry:
         parsed = TypeAdapter(_RegistryFile).validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        where = ".".join(str(part) for part in first["loc"]) or "top level"
         raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
     models = {name: spec.model_copy(update={"name": name}) for name, spec in parsed.models.items()}
     return Registry(models)

@@ -21,16 +21,18 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import diffusers
 import torch
 import transformers
-from diffusers import (
-    AutoencoderKLFlux2,
-    FlowMatchEulerDiscreteScheduler,
-    Flux2Pipeline,
-    Flux2Transformer2DModel,
-)
+
+# The defining modules, not `from diffusers import ...`: for type checkers diffusers' top level resolves to
+# its torch-less dummy classes, which are not nn.Modules.
+from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     Mistral3Config,
@@ -99,9 +101,9 @@ _CHAT_TEMPLATE = (
 )
 
 # Random init, retuned so that the prompt visibly steers the image (see `_text_encoder` and `_transformer`).
-_EMBEDDING_STD = 0.5
+_EMBEDDING_STD = 1.0
 _LINEAR_GAIN = 1.5
-_QK_NORM_SCALE = 4.0
+_QK_NORM_SCALE = 6.0
 
 # Vision tower: patch 4 merged 2x2 gives one [IMG] token per 8x8 pixels; images are capped at 64 px so an
 # upsampling prompt with images stays far below the pipeline's 2048-token limit.
@@ -120,8 +122,10 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     # Special tokens must be matched whole inside the rendered chat template, never split into bytes.
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in _SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in _SPECIAL_TOKENS]
+    )
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
         bos_token="<s>",
         eos_token="</s>",
@@ -147,7 +151,7 @@ def _processor() -> PixtralProcessor:
     )
 
 
-def _text_encoder(vocab_size: int, special: PreTrainedTokenizerFast) -> Mistral3ForConditionalGeneration:
+def _text_encoder(vocab_size: int) -> Mistral3ForConditionalGeneration:
     text_config = MistralConfig(
         vocab_size=vocab_size,
         hidden_size=_TEXT_HIDDEN,
@@ -157,35 +161,34 @@ def _text_encoder(vocab_size: int, special: PreTrainedTokenizerFast) -> Mistral3
         num_key_value_heads=2,
         head_dim=4,
         max_position_embeddings=4096,
-        bos_token_id=special.bos_token_id,
-        eos_token_id=special.eos_token_id,
-        pad_token_id=special.pad_token_id,
+        bos_token_id=_SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=_SPECIAL_TOKENS.index("</s>"),
+        pad_token_id=_SPECIAL_TOKENS.index("<pad>"),
     )
     vision_config = PixtralVisionConfig(
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
-        head_dim=8,
         patch_size=_VISION_PATCH,
         image_size=_IMAGE_LONGEST_EDGE,
     )
     config = Mistral3Config(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_index=special.convert_tokens_to_ids("[IMG]"),
+        image_token_index=_SPECIAL_TOKENS.index("[IMG]"),
         spatial_merge_size=_SPATIAL_MERGE,
         tie_word_embeddings=False,  # as in Mistral Small 3.x
     )
-    model = Mistral3ForConditionalGeneration(config).eval()
+    model = Mistral3ForConditionalGeneration(config)
     # With transformers' default std of 0.02 the token embeddings are drowned by what 30 layers add, and the
     # hidden states of two prompts hardly differ; larger embeddings keep each token's identity visible.
-    torch.nn.init.normal_(model.get_input_embeddings().weight, std=_EMBEDDING_STD)
+    torch.nn.init.normal_(cast(torch.Tensor, model.get_input_embeddings().weight), std=_EMBEDDING_STD)
     return model
 
 
 def _transformer() -> Flux2Transformer2DModel:
-    model = Flux2Transformer2DModel(
+    model: Flux2Transformer2DModel = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4,  # the VAE's 1 latent channel, patchified 2x2 by the pipeline
         num_layers=1,
@@ -196,8 +199,8 @@ def _transformer() -> Flux2Transformer2DModel:
         timestep_guidance_channels=256,
         axes_dims_rope=(4, 4, 4, 4),
     )
-    # PyTorch's default Linear init shrinks activations ~1.7x per layer: the timestep modulation gates come out
-    # near 0.03, the blocks barely touch the residual stream and the text changes the image by ~1e-5, which
+    # PyTorch's default Linear init shrinks activations ~1.7x per layer: the timestep modulation gates come
+    # out near 0.03, the blocks barely touch the residual stream and the prompt moves pixels by ~1e-5, which
     # bf16 rounds away. Variance-keeping weights make the gates O(1), and sharper attention (larger q/k
     # RMSNorm weights) stops image tokens from averaging all 512 text tokens into the same mean for every
     # prompt.
@@ -213,7 +216,7 @@ def _transformer() -> Flux2Transformer2DModel:
 def _vae() -> AutoencoderKLFlux2:
     # Four levels, like the real VAE: 8x downsampling keeps the image token count (and the mid-block attention
     # over every latent pixel) as small as FLUX.2's at fal's sizes; one level would be 64x more latent pixels.
-    return AutoencoderKLFlux2(
+    vae: AutoencoderKLFlux2 = AutoencoderKLFlux2(
         sample_size=32,
         in_channels=3,
         out_channels=3,
@@ -226,10 +229,11 @@ def _vae() -> AutoencoderKLFlux2:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
+    return vae
 
 
 def _scheduler() -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(
+    scheduler: FlowMatchEulerDiscreteScheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,
         base_shift=0.5,
@@ -237,29 +241,24 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
+    return scheduler
 
 
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:
     """Write a complete tiny pipeline into `folder`; the same seed always gives the same weights."""
     processor = _processor()
-    tokenizer = processor.tokenizer
-    # fork_rng: building must not disturb the caller's global RNG stream (tests seeding torch, for one).
+    # fork_rng: building must not disturb the caller's global RNG stream (a test that seeded torch, say).
     with torch.random.fork_rng(devices=[]):
-        # Each component gets its own derived seed, so changing one builder leaves the others' weights alone.
         torch.manual_seed(seed)
-        text_encoder = _text_encoder(len(tokenizer), tokenizer)
-        torch.manual_seed(seed + 1)
-        transformer = _transformer()
-        torch.manual_seed(seed + 2)
-        vae = _vae()
-    pipe = Flux2Pipeline(
-        scheduler=_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=processor,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(folder)
+        # Typed as Any: Flux2Pipeline's hints name diffusers' dummy scheduler class and AutoProcessor.
+        components: dict[str, Any] = {
+            "text_encoder": _text_encoder(len(processor.tokenizer)),
+            "transformer": _transformer(),
+            "vae": _vae(),
+            "scheduler": _scheduler(),
+            "tokenizer": processor,
+        }
+    Flux2Pipeline(**components).save_pretrained(folder)
 
 
 def _folder_name(seed: int) -> str:

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -54,18 +55,25 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> httpx.Response:
+        return self.wait_for_ready_state(lambda ready: ready.status_code == 200, timeout)
+
+    def wait_for_ready_state(
+        self, accept: Callable[[httpx.Response], bool], timeout: float = READY_TIMEOUT_SECONDS
+    ) -> httpx.Response:
+        """Poll `/ready` until `accept` likes the answer; fail fast if the server process exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
+                ready = httpx.get(f"{self.url}/ready", timeout=2)
+                if accept(ready):
+                    return ready
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+        raise TimeoutError(f"server not in the awaited state after {timeout} s:\n{self.log()}")
 
     def stop(self) -> None:
         self.process.terminate()

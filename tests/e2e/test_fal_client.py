@@ -89,3 +89,19 @@ def test_async_client(fal: fal_client.SyncClient, live_server: LiveServer) -> No
 
     first, second = asyncio.run(main())
     assert (first["seed"], second["seed"]) == (1, 2)
+
+
+def test_cancel_a_running_request_stops_it(fal: fal_client.SyncClient) -> None:
+    handle = fal.submit(APP, {**FAST, "image_size": "square_hd", "num_inference_steps": 50})
+    for event in handle.iter_events(with_logs=True, interval=0.02):
+        if isinstance(event, fal_client.InProgress) and any("step" in e["message"] for e in event.logs or []):
+            break
+    handle.cancel()
+    *_, status = handle.iter_events(with_logs=True, interval=0.02)  # ends with Completed
+    assert isinstance(status, fal_client.Completed)
+    assert status.error_type == "request_cancelled"
+    steps = [e["message"] for e in status.logs or [] if e["message"].startswith("step ")]
+    assert "step 50/50" not in steps
+    with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
+        handle.get()
+    assert raised.value.status_code == 400

@@ -1,0 +1,49 @@
+"""Starting the server: bad configuration stops it with a clear message; a model that cannot load is
+reported on /ready and answered with 503s, while /health stays up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.live import ROOT, LiveServer
+
+
+def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "server.cli", "serve", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_bad_models_yaml_names_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  tiny:\n    source: tiny\n    dtype: float64\n")
+    run = serve("--config", str(config), "--model", "tiny")
+    assert run.returncode == 2
+    assert "models.tiny.tiny.dtype" in run.stderr
+
+
+def test_unknown_model(tmp_path: Path) -> None:
+    run = serve("--model", "flux3")
+    assert run.returncode == 2
+    assert "unknown model 'flux3'" in run.stderr
+
+
+def test_model_that_cannot_load(tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    missing = tmp_path / "no-such-folder"
+    entry = f"source: hub\n    repo_id: x/y\n    local_dir: {missing}\n    dtype: float32\n"
+    config.write_text(f"models:\n  local:\n    {entry}")
+    server = LiveServer(tmp_path / "data", "--config", str(config), "--model", "local")
+    try:
+        ready = server.wait_for_ready_state(lambda answer: answer.json()["state"] == "failed")
+        assert ready.status_code == 503
+        assert "could not be loaded" in ready.json()["error"]
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        run = httpx.post(f"{server.url}/fal-ai/flux-2", json={"prompt": "p"}, timeout=30)
+        assert run.status_code == 503
+        assert run.json()["error_type"] == "runner_scheduling_failure"
+    finally:
+        server.stop()
