@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import Flux2Pipeline
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
 from pipeline.errors import Cancelled, Unsupported
 from pipeline.images import encode_image
@@ -74,7 +74,7 @@ class ImageGenerator:
 
         started = time.perf_counter()
         with torch.inference_mode():
-            output = self.pipe(**pipeline_kwargs(params), callback_on_step_end=step_end)  # type: ignore[operator]
+            output = self.pipe(**pipeline_kwargs(params), callback_on_step_end=step_end)
         images = [encode_image(image, params.output_format) for image in output.images]
         return JobSucceeded(
             request_id=request_id,

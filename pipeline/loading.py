@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import Flux2Pipeline
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
 from pipeline.models import HubModel, TinyModel
 
@@ -56,8 +56,8 @@ def load_pipeline(spec: HubModel | TinyModel, cache_dir: Path) -> tuple[Flux2Pip
     device = resolve_device(spec)
     source, hub_kwargs = _source_folder(spec, cache_dir)
     log.info("loading model %r from %s (%s on %s)", spec.name, source, spec.dtype, device)
-    pipe = Flux2Pipeline.from_pretrained(source, dtype=_DTYPES[spec.dtype], **hub_kwargs)  # type: ignore[no-untyped-call]
-    pipe.set_progress_bar_config(disable=True)
+    pipe = Flux2Pipeline.from_pretrained(source, dtype=_DTYPES[spec.dtype], **hub_kwargs)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
     if (
         device.type == "cuda"
         and torch.cuda.get_device_properties(device).total_memory < _FULL_RESIDENCY_BYTES

@@ -44,7 +44,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-TINY_FORMAT_VERSION: int = 1
+TINY_FORMAT_VERSION: int = 2
 """Part of the cache folder name: bump it whenever `build_tiny_pipeline` writes something different."""
 
 # The real model's text encoder feeds hidden states of layers (10, 20, 30) to the transformer; 30 layers keep
@@ -53,8 +53,7 @@ _TEXT_LAYERS = 30
 _TEXT_OUT_LAYERS = 3
 _TEXT_HIDDEN = 16
 
-# Special tokens in Mistral's (Tekken) order, so that ids such as [IMG] = 10 match the real tokenizer and the
-# Mistral3Config defaults (image_token_index=10) hold unchanged.
+# Mistral's control tokens, laid out so that [IMG] gets id 10, Mistral3Config's default image_token_index.
 _SPECIAL_TOKENS = (
     "<unk>",
     "<s>",
@@ -131,6 +130,8 @@ def _tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
+        # Left: a decoder-only model must end on the prompt's last token, which prompt upsampling's `generate`
+        # relies on after the pipeline pads every prompt to a fixed length.
         padding_side="left",
         model_max_length=131072,
         chat_template=_CHAT_TEMPLATE,
@@ -297,11 +298,14 @@ def ensure_tiny_pipeline(cache_root: Path, seed: int = 0) -> Path:
             build_tiny_pipeline(staging, seed=seed)
             staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared with other users
             os.rename(staging, final)
-        except BaseException:
+        except OSError:
             shutil.rmtree(staging, ignore_errors=True)
-            # flock is advisory and not honoured by every network filesystem: a builder that bypassed the lock
-            # may have won the rename, and its folder is as good as ours.
+            # flock is not honoured by every network filesystem: a builder that got past the lock may have won
+            # the rename (ours then fails on the non-empty target), and its folder is as good as ours.
             if final.is_dir():
                 return final
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
             raise
     return final

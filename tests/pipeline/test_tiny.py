@@ -8,9 +8,9 @@ here rather than as a confusing failure in the server tests.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +47,15 @@ def pipe(tiny_folder: Path) -> Flux2Pipeline:
         patch.setattr(socket.socket, "connect", refuse)
         loaded = Flux2Pipeline.from_pretrained(tiny_folder)
     assert isinstance(loaded, Flux2Pipeline)
-    loaded.set_progress_bar_config(disable=True)
+    loaded.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
     return loaded
 
 
-def generate(pipe: Flux2Pipeline, prompt: str, seed: int = 0, output_type: str = "np", size: int = 512) -> Any:
+def generate(pipe: Flux2Pipeline, prompt: str, seed: int = 0, output_type: str = "np") -> Any:
     result = pipe(
         prompt=prompt,
-        height=size,
-        width=size,
+        height=512,
+        width=512,
         num_inference_steps=4,
         guidance_scale=4.0,
         generator=torch.Generator().manual_seed(seed),
@@ -149,9 +149,17 @@ def test_prompt_upsampling_with_an_image_runs_the_vision_tower(pipe: Flux2Pipeli
     # caption_upsample_temperature makes the Mistral model describe input images with `generate`: the one
     # path that uses the processor's image side and the Pixtral tower.
     image = Image.new("RGB", (96, 64), (200, 40, 40))
-    torch.manual_seed(0)
-    (upsampled,) = pipe.upsample_prompt("make it blue", images=[image], temperature=0.15)
+    seen: list[torch.Size] = []
+    hook = pipe.text_encoder.model.vision_tower.register_forward_hook(
+        lambda module, inputs, output: seen.append(inputs[0].shape)
+    )
+    try:
+        torch.manual_seed(0)
+        (upsampled,) = pipe.upsample_prompt("make it blue", images=[image], temperature=0.15)
+    finally:
+        hook.remove()
     assert isinstance(upsampled, str)
+    assert seen and seen[0][-3] == 3, "the image never reached the vision tower"
 
 
 def test_ensure_builds_once_and_then_reuses_the_folder(
@@ -215,14 +223,29 @@ def test_a_crashed_build_leaves_nothing_that_looks_complete(
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "Flux2Pipeline"
 
 
+def test_losing_a_rename_race_returns_the_winners_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A builder that got past the lock (flock is not honoured on every network filesystem) finishes first.
+    winner = tmp_path / tiny._folder_name(0)
+
+    def racing_build(folder: Path, seed: int = 0) -> None:
+        build_tiny_pipeline(folder, seed=seed)
+        shutil.copytree(folder, winner)
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", racing_build)
+    assert ensure_tiny_pipeline(tmp_path, seed=0) == winner
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [winner.name]
+
+
 @pytest.fixture(scope="module")
-def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rebuilt")
     folders = {"a": root / "seed0-a", "b": root / "seed0-b", "other": root / "seed1"}
     build_tiny_pipeline(folders["a"], seed=0)
     build_tiny_pipeline(folders["b"], seed=0)
     build_tiny_pipeline(folders["other"], seed=1)
-    yield folders
+    return folders
 
 
 @pytest.mark.parametrize("component", ["transformer", "text_encoder", "vae"])
