@@ -4,7 +4,7 @@ The same tiny-model request runs N times directly through Flux2Pipeline (in this
 through a live server with the real fal_client, interleaved so both see the same machine state. Prints the
 median end-to-end time of each path, the median overhead in ms, and the ratio.
 
-    .venv/bin/python scripts/bench_overhead.py [-n 30] [--size square] [--steps 4]
+    .venv/bin/python scripts/bench_overhead.py [-n 30] [--size square] [--steps 4] [--format png]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=30, help="requests per path")
     parser.add_argument("--size", default="square", help="an image_size preset")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--format", default="png", choices=["png", "jpeg", "webp"], help="output_format")
     args = parser.parse_args()
 
     cache_dir = Settings.load().cache_dir
@@ -89,8 +90,8 @@ def main() -> None:
 
     bare = statistics.median(times["pipeline call"])
     encoded = statistics.median(times["pipeline call + encode"])
-    print(f"{args.n} requests per path, {args.size} at {args.steps} steps, tiny model, torch threads "
-          f"{torch.get_num_threads()}")  # fmt: skip
+    threads = torch.get_num_threads()
+    print(f"{args.n} requests a path: {args.size} {args.format}, {args.steps} steps, tiny, {threads} threads")
     print(f"{'path':30} {'median ms':>10} {'over call ms':>13} {'ratio':>6} {'over call+encode ms':>20}")
     for name, samples in times.items():
         median = statistics.median(samples)
