@@ -8,10 +8,10 @@ from pipeline.messages import FailureKind
 class PipelineError(Exception):
     kind = FailureKind.INTERNAL
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.loc = loc  # the input to blame, e.g. ("loras", 1, "path")
 
 
 class InvalidInput(PipelineError):

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
-from pipeline.errors import Cancelled, Unsupported
+from pipeline.errors import Cancelled, InvalidInput, Unsupported
 from pipeline.images import encode_image
-from pipeline.messages import GenerationParams, JobSucceeded
+from pipeline.lora_cache import LoraMemoryCache
+from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora, read_lora_file
+from pipeline.messages import GenerationParams, JobSucceeded, LoraRequest
 
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -43,24 +46,43 @@ def pipeline_kwargs(params: GenerationParams) -> dict[str, Any]:
 
 
 class ImageGenerator:
-    """Owns the loaded pipeline; runs one request at a time."""
+    """Owns the loaded pipeline and its LoRA slots; runs one request at a time."""
 
-    def __init__(self, pipe: Flux2Pipeline) -> None:
+    def __init__(self, pipe: Flux2Pipeline, slots: LoraSlots, lora_cache: LoraMemoryCache) -> None:
         self.pipe = pipe
+        self.slots = slots
+        self.lora_cache = lora_cache
 
     def check_supported(self, params: GenerationParams) -> None:
-        if params.loras:
-            raise Unsupported("LoRAs are not supported by this server version yet", field="loras")
         if params.enable_prompt_expansion:
             raise Unsupported(
                 "prompt expansion is not supported by this server version yet",
-                field="enable_prompt_expansion",
+                loc=("enable_prompt_expansion",),
             )
+
+    def apply_loras(self, loras: tuple[LoraRequest, ...]) -> None:
+        """Puts the request's LoRAs into the slots (and empties the others); a refusal changes no slot."""
+        try:
+            parsed = [(self._parsed(index, lora), lora.scale) for index, lora in enumerate(loras)]
+            self.slots.apply(parsed)
+        except LoraFitError as exc:
+            loc: tuple[str | int, ...] = ("loras",) if exc.index is None else ("loras", exc.index, "path")
+            raise InvalidInput(str(exc), loc=loc) from exc
+
+    def _parsed(self, index: int, lora: LoraRequest) -> ParsedLora:
+        if not lora.file:
+            raise RuntimeError(f"LoRA {index} reached the worker without a fetched file")
+        try:
+            return self.lora_cache.get(lora.sha256, lambda: read_lora_file(Path(lora.file), lora.path))
+        except LoraFitError as exc:
+            exc.index = index
+            raise
 
     def generate(
         self, request_id: str, params: GenerationParams, on_step: StepCallback, cancelled: CancelCheck
     ) -> JobSucceeded:
         self.check_supported(params)
+        self.apply_loras(params.loras)
         total = params.num_inference_steps
 
         def step_end(

@@ -14,8 +14,13 @@ from enum import StrEnum
 
 @dataclass(frozen=True)
 class LoraRequest:
+    """One entry of `loras`. The HTTP side fetches it before the job is queued and fills in `file` (a local
+    safetensors file it checked) and `sha256`; the worker reads nothing else."""
+
     path: str
     scale: float = 1.0
+    file: str = ""
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class JobFailed:
     request_id: str
     kind: FailureKind
     message: str
-    field: str | None = None  # the input field to blame, for 422 answers
+    loc: tuple[str | int, ...] = ()  # the input to blame, under "body", for 422 answers
     inference_seconds: float = 0.0
 
 

@@ -41,6 +41,9 @@ class WorkerConfig:
     registry: Registry
     model_name: str | None  # None: the worker picks flux2-dev if it sees CUDA, else tiny
     cache_dir: Path
+    lora_slots: int = 3
+    max_lora_rank: int = 128
+    lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
 
 
 def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
@@ -48,6 +51,8 @@ def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
 
     from pipeline.generation import ImageGenerator
     from pipeline.loading import load_pipeline
+    from pipeline.lora_cache import LoraMemoryCache
+    from pipeline.lora_slots import LoraSlots
 
     registry = config.registry
     spec = registry.get(config.model_name or registry.default_name(torch.cuda.is_available()))
@@ -56,13 +61,14 @@ def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     )
     started = time.perf_counter()
     pipe, device = load_pipeline(spec, config.cache_dir)
+    slots = LoraSlots(pipe.transformer, config.lora_slots, config.max_lora_rank)
     ready = WorkerReady(
         model=spec.name,
         device=str(device),
         dtype=spec.dtype,
         load_seconds=time.perf_counter() - started,
     )
-    return ImageGenerator(pipe), ready
+    return ImageGenerator(pipe, slots, LoraMemoryCache(config.lora_memory_bytes)), ready
 
 
 def _run_job(
@@ -84,14 +90,14 @@ def _run_job(
     try:
         return generator.generate(job.request_id, job.params, on_step, cancelled)
     except PipelineError as exc:
-        kind, message, field = exc.kind, exc.message, exc.field
+        kind, message, loc = exc.kind, exc.message, exc.loc
     except torch.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
-        kind, message, field = FailureKind.OUT_OF_MEMORY, f"out of device memory: {exc}", None
+        kind, message, loc = FailureKind.OUT_OF_MEMORY, f"out of device memory: {exc}", ()
     except Exception as exc:
         log.error("request %s failed:\n%s", job.request_id, traceback.format_exc())
-        kind, message, field = FailureKind.INTERNAL, f"{type(exc).__name__}: {exc}", None
-    return JobFailed(job.request_id, kind, message, field, time.perf_counter() - started)
+        kind, message, loc = FailureKind.INTERNAL, f"{type(exc).__name__}: {exc}", ()
+    return JobFailed(job.request_id, kind, message, loc, time.perf_counter() - started)
 
 
 def run_worker(

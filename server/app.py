@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from pipeline.lora_sources import LoraFetcher, LoraPolicy
 from pipeline.models import Registry
 from pipeline.worker import WorkerConfig
 from server import openapi
@@ -30,10 +31,25 @@ def create_app(
 ) -> FastAPI:
     """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
     files = FileStore(settings.files_dir)
-    scheduler = Scheduler(OutputBuilder(files))
+    fetcher = LoraFetcher(
+        LoraPolicy(
+            cache_dir=settings.lora_cache_dir,
+            folders=settings.lora_folders,
+            allow_private_addresses=settings.allow_private_lora_urls,
+            max_total_bytes=settings.lora_request_max_bytes,
+            cache_max_bytes=settings.lora_cache_max_bytes,
+        )
+    )
+    scheduler = Scheduler(OutputBuilder(files), fetcher)
 
     def spawn_worker(scheduler: Scheduler) -> Worker:
-        config = WorkerConfig(registry, settings.model, settings.cache_dir)
+        config = WorkerConfig(
+            registry,
+            settings.model,
+            settings.cache_dir,
+            max_lora_rank=settings.max_lora_rank,
+            lora_memory_bytes=settings.lora_memory_max_bytes,
+        )
         return WorkerProcess(config, scheduler.listener)
 
     @asynccontextmanager
@@ -43,6 +59,7 @@ def create_app(
             yield
         finally:
             scheduler.stop()
+            await fetcher.aclose()
 
     app = FastAPI(
         title="flux2-lora-server",

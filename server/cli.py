@@ -22,6 +22,13 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, dest="models_file", help="the model registry (default models.yaml)"
     )
     serve.add_argument("--data-dir", type=Path, help="generated files (default ./data, env FLUX2_DATA_DIR)")
+    serve.add_argument(
+        "--lora-folder",
+        type=Path,
+        action="append",
+        dest="lora_folders",
+        help="a folder local LoRA paths may come from (repeatable; env FLUX2_LORA_FOLDERS)",
+    )
     return parser
 
 
@@ -37,6 +44,7 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             models_file=args.models_file,
             data_dir=args.data_dir,
+            lora_folders=tuple(args.lora_folders) if args.lora_folders else None,
         )
         registry = load_registry(settings.models_file)
         if settings.model is not None:

@@ -29,6 +29,13 @@ class Settings:
     public_url: str | None = None  # base of file and queue URLs, when clients reach us through a proxy
     sse_ping_seconds: float = 15.0
     log_level: str = "info"
+    # LoRAs
+    lora_folders: tuple[Path, ...] = ()  # local LoRA paths are allowed only under these (os.pathsep list)
+    allow_private_lora_urls: bool = False  # loopback / private / link-local LoRA URLs (SSRF guard off)
+    max_lora_rank: int = 128  # slot size; a LoRA of higher rank is refused
+    lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
+    lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
+    lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -46,12 +53,34 @@ class Settings:
     def files_dir(self) -> Path:
         return self.data_dir / "files"
 
+    @property
+    def lora_cache_dir(self) -> Path:
+        return self.cache_dir / "loras"
+
 
 class SettingsError(ValueError):
     pass
 
 
+_BOOLS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
 def _parse(key: str, raw: str, type_name: str) -> object:
+    if type_name == "bool":
+        if raw.strip().lower() not in _BOOLS:
+            raise SettingsError(f"{key}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+        return _BOOLS[raw.strip().lower()]
+    if type_name.startswith("tuple[Path"):
+        return tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)
     try:
         if type_name.startswith("Path"):
             return Path(raw).expanduser()

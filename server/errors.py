@@ -64,6 +64,19 @@ def not_json_body(detail: str) -> Outcome:
     )
 
 
+def input_error(loc: tuple[str | int, ...], message: str, error_type: str, request_input: Any) -> Outcome:
+    """A 422 blaming one input (`loc` below "body"), quoting what the client sent there."""
+    value = request_input
+    for part in loc:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = None
+            break
+    error = {"type": error_type, "loc": ["body", *loc], "msg": message, "input": value if loc else None}
+    return model_error([error], error_type)
+
+
 _REQUEST_ERRORS: dict[FailureKind, tuple[int, str]] = {
     FailureKind.OUT_OF_MEMORY: (503, "out_of_memory"),
     FailureKind.CANCELLED: (400, "request_cancelled"),
@@ -73,12 +86,8 @@ _REQUEST_ERRORS: dict[FailureKind, tuple[int, str]] = {
 
 def failure_outcome(failure: JobFailed, request_input: dict[str, Any]) -> Outcome:
     if failure.kind in (FailureKind.INVALID_INPUT, FailureKind.UNSUPPORTED):
-        loc = ["body", failure.field] if failure.field else ["body"]
-        value = request_input.get(failure.field) if failure.field else None
         error_type = "unsupported_feature" if failure.kind is FailureKind.UNSUPPORTED else "value_error"
-        return model_error(
-            [{"type": error_type, "loc": loc, "msg": failure.message, "input": value}], error_type
-        )
+        return input_error(failure.loc, failure.message, error_type, request_input)
     status_code, error_type = _REQUEST_ERRORS[failure.kind]
     return request_error(status_code, failure.message, error_type)
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Any
 
+from pipeline.lora_sources import LocalLora
 from pipeline.messages import GenerationParams
 from server.errors import Outcome
 
@@ -69,6 +70,7 @@ class JobRecord:
     inference_seconds: float | None = None
     logs: list[LogEntry] = field(default_factory=list)
     outcome: Outcome | None = None
+    fetched_loras: list[LocalLora] = field(default_factory=list)  # pinned in the LoRA cache until done
     version: int = 0  # bumped on every change, so watchers can tell what they have seen
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 

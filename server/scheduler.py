@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from dataclasses import replace
 from enum import StrEnum
 from typing import Protocol
 
+from pipeline.lora_sources import LoraFetcher, LoraSourceError
 from pipeline.messages import (
     FailureKind,
     FromWorker,
@@ -22,7 +24,7 @@ from pipeline.messages import (
     WorkerReady,
     WorkerStartupFailed,
 )
-from server.errors import Outcome, failure_outcome, request_error, worker_lost
+from server.errors import Outcome, failure_outcome, input_error, request_error, worker_lost
 from server.jobs import JobRecord, JobStatus, Priority
 from server.outputs import OutputBuilder
 from server.worker_process import Listener, WorkerExited
@@ -53,8 +55,9 @@ class CancelResult(StrEnum):
 
 
 class Scheduler:
-    def __init__(self, outputs: OutputBuilder, max_restarts: int = 3) -> None:
+    def __init__(self, outputs: OutputBuilder, loras: LoraFetcher, max_restarts: int = 3) -> None:
         self.outputs = outputs
+        self.loras = loras
         self.jobs: dict[str, JobRecord] = {}
         self.state = WorkerState.STOPPED
         self.ready_info: WorkerReady | None = None
@@ -63,6 +66,7 @@ class Scheduler:
         self._max_restarts = max_restarts
         self._pending: dict[Priority, deque[JobRecord]] = {p: deque() for p in Priority}
         self._running: JobRecord | None = None
+        self._fetching: dict[str, asyncio.Task[None]] = {}
         self._worker: Worker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -80,6 +84,8 @@ class Scheduler:
 
     def stop(self) -> None:
         self.state = WorkerState.STOPPED
+        for task in self._fetching.values():
+            task.cancel()
         if self._worker is not None:
             self._worker.stop()
 
@@ -92,10 +98,40 @@ class Scheduler:
             record.move_to(JobStatus.COMPLETED)
             return
         if self.state is WorkerState.FAILED:
-            record.complete(self._unavailable())
+            self._close(record, self._unavailable())
+            return
+        assert record.params is not None
+        if record.params.loras:  # fetched here, off the GPU's path; queued once the files are local
+            self._fetching[record.request_id] = asyncio.create_task(self._fetch_loras(record))
+            return
+        self._enqueue(record)
+
+    def _enqueue(self, record: JobRecord) -> None:
+        if self.state is WorkerState.FAILED:
+            self._close(record, self._unavailable())
             return
         self._pending[record.priority].append(record)
         self._dispatch()
+
+    async def _fetch_loras(self, record: JobRecord) -> None:
+        assert record.params is not None
+        loras = record.params.loras
+        record.log(f"fetching {len(loras)} LoRA{'s' if len(loras) > 1 else ''}")
+        try:
+            fetched = await self.loras.fetch_all([lora.path for lora in loras])
+        except LoraSourceError as exc:
+            loc: tuple[str | int, ...] = ("loras",) if exc.index is None else ("loras", exc.index, "path")
+            self._close(record, input_error(loc, exc.message, "value_error", record.request_input))
+            return
+        finally:
+            self._fetching.pop(record.request_id, None)
+        record.fetched_loras = fetched
+        resolved = tuple(
+            replace(lora, file=str(local.file), sha256=local.sha256)
+            for lora, local in zip(loras, fetched, strict=True)
+        )
+        record.params = replace(record.params, loras=resolved)
+        self._enqueue(record)
 
     def queue_position(self, record: JobRecord) -> int | None:
         if record.status is not JobStatus.IN_QUEUE:
@@ -119,10 +155,13 @@ class Scheduler:
         if record.done:
             return CancelResult.ALREADY_COMPLETED
         if record.status is JobStatus.IN_QUEUE:
-            self._pending[record.priority].remove(record)
-            record.complete(
-                failure_outcome(JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled"), {})
-            )
+            fetching = self._fetching.pop(request_id, None)
+            if fetching is not None:
+                fetching.cancel()
+            else:
+                self._pending[record.priority].remove(record)
+            cancelled = JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled")
+            self._close(record, failure_outcome(cancelled, {}))
         elif self._worker is not None:
             record.log("cancellation requested")
             self._worker.cancel(request_id)
@@ -170,6 +209,13 @@ class Scheduler:
         self._running = None
         if not outcome.ok:
             record.log(outcome.error or "failed", level="ERROR")
+        self._close(record, outcome, inference_seconds)
+
+    def _close(self, record: JobRecord, outcome: Outcome, inference_seconds: float | None = None) -> None:
+        """Every accepted request ends here: completed, and its LoRA files unpinned for eviction."""
+        if record.fetched_loras:
+            self.loras.release(record.fetched_loras)
+            record.fetched_loras = []
         record.complete(outcome, inference_seconds)
 
     def _on_worker_exit(self, exited: WorkerExited) -> None:
@@ -190,7 +236,7 @@ class Scheduler:
         self.state, self.failure = WorkerState.FAILED, reason
         for queue in self._pending.values():
             while queue:
-                queue.popleft().complete(self._unavailable())
+                self._close(queue.popleft(), self._unavailable())
 
     def _unavailable(self) -> Outcome:
         return request_error(503, f"the model is unavailable: {self.failure}", "runner_scheduling_failure")

@@ -18,13 +18,23 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def live_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[LiveServer]:
-    server = LiveServer(
-        tmp_path_factory.mktemp("live"),
-        "--model",
-        "tiny",
-        env={"FLUX2_CACHE_DIR": str(cache_dir), "FLUX2_SSE_PING_SECONDS": "1"},
-    )
+def lora_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The live server's allowed local LoRA folder."""
+    return tmp_path_factory.mktemp("lora-folder")
+
+
+@pytest.fixture(scope="session")
+def live_server(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, lora_folder: Path
+) -> Iterator[LiveServer]:
+    env = {
+        "FLUX2_CACHE_DIR": str(cache_dir),
+        "FLUX2_SSE_PING_SECONDS": "1",
+        "FLUX2_ALLOW_PRIVATE_LORA_URLS": "true",  # LoRA files come from a server on loopback
+        "FLUX2_LORA_FOLDERS": str(lora_folder),
+        "FLUX2_MAX_LORA_RANK": "16",
+    }
+    server = LiveServer(tmp_path_factory.mktemp("live"), "--model", "tiny", env=env)
     try:
         server.wait_ready()
         yield server

@@ -75,13 +75,6 @@ def test_validation_error_sync_and_queue(fal: fal_client.SyncClient) -> None:
         assert isinstance(detail, list) and detail[0]["loc"] == ["body", "num_inference_steps"]
 
 
-def test_loras_are_refused_until_supported(fal: fal_client.SyncClient) -> None:
-    with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
-        fal.run(APP, {**FAST, "loras": [{"path": "owner/repo", "scale": 0.8}]})
-    assert raised.value.status_code == 422
-    assert raised.value.message[0]["loc"] == ["body", "loras"]
-
-
 def test_async_client(fal: fal_client.SyncClient, live_server: LiveServer) -> None:
     async def main() -> list[dict[str, Any]]:
         client = fal_client.AsyncClient()

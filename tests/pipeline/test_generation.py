@@ -12,10 +12,13 @@ import torch
 from diffusers import Flux2Pipeline
 from PIL import Image
 
-from pipeline.errors import Cancelled, Unsupported
+from pipeline.errors import Cancelled, InvalidInput, Unsupported
 from pipeline.generation import ImageGenerator
+from pipeline.lora_cache import LoraMemoryCache
+from pipeline.lora_slots import LoraSlots
 from pipeline.messages import GenerationParams, LoraRequest
 from pipeline.tiny import ensure_tiny_pipeline
+from tests.loras import linear_shapes, write_lora
 
 PARAMS = GenerationParams(
     prompt="a kite", width=512, height=512, num_inference_steps=4, guidance_scale=2.5, seed=5
@@ -26,7 +29,7 @@ PARAMS = GenerationParams(
 def generator(cache_dir: Path) -> ImageGenerator:
     pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    return ImageGenerator(pipe)
+    return ImageGenerator(pipe, LoraSlots(pipe.transformer, num_slots=3, max_rank=16), LoraMemoryCache(10**8))
 
 
 @pytest.fixture
@@ -63,20 +66,36 @@ def test_cancel_stops_at_the_next_step_without_decoding(
     assert decodes == [1]
 
 
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"loras": (LoraRequest("a/b", 1.0),)}, "loras"),
-        ({"enable_prompt_expansion": True}, "enable_prompt_expansion"),
-    ],
-)
-def test_unsupported_features_are_refused(
-    generator: ImageGenerator, change: dict[str, Any], field: str
-) -> None:
-    params = GenerationParams(**{**PARAMS.__dict__, **change})
+def test_prompt_expansion_is_refused(generator: ImageGenerator) -> None:
+    params = GenerationParams(**{**PARAMS.__dict__, "enable_prompt_expansion": True})
     with pytest.raises(Unsupported) as raised:
         generator.generate("r4", params, lambda step, total: None, lambda: False)
-    assert raised.value.field == field
+    assert raised.value.loc == ("enable_prompt_expansion",)
+
+
+def image(generator: ImageGenerator, params: GenerationParams) -> bytes:
+    return generator.generate("r", params, lambda step, total: None, lambda: False).images[0].data
+
+
+def test_loras_apply_and_a_refused_one_names_its_index(generator: ImageGenerator, tmp_path: Path) -> None:
+    shapes = linear_shapes(generator.pipe.transformer)
+    targets = list(shapes)[:6]
+    good = write_lora(tmp_path / "good.safetensors", shapes, targets, rank=4, seed=1)
+    too_big = write_lora(tmp_path / "big.safetensors", shapes, targets[:1], rank=32, seed=2)
+    base = image(generator, PARAMS)
+    lora = LoraRequest(str(good), 1.0, file=str(good), sha256="good")
+    with_lora = image(generator, GenerationParams(**{**PARAMS.__dict__, "loras": (lora,)}))
+    assert with_lora != base
+    refused = (lora, LoraRequest(str(too_big), 1.0, file=str(too_big), sha256="big"))
+    with pytest.raises(InvalidInput) as raised:
+        generator.generate(
+            "r6", GenerationParams(**{**PARAMS.__dict__, "loras": refused}), lambda s, t: None, lambda: False
+        )
+    assert raised.value.loc == ("loras", 1, "path")
+    assert "rank 32" in raised.value.message
+    assert image(generator, PARAMS) == base  # the slots were emptied by the plain request
+    assert image(generator, GenerationParams(**{**PARAMS.__dict__, "loras": (lora,)})) == with_lora
+    assert generator.lora_cache.hits >= 1
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])

@@ -28,7 +28,9 @@ def _harness(tmp_path: Path, hold: bool) -> Iterator[Harness]:
         workers.append(StandInWorker(scheduler.listener, hold=hold))
         return workers[-1]
 
-    settings = Settings.load(env={}, data_dir=tmp_path / "data", sse_ping_seconds=0.2)
+    settings = Settings.load(
+        env={}, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", sse_ping_seconds=0.2
+    )
     app = create_app(settings, load_registry(ROOT / "models.yaml"), worker_factory=factory)
     with TestClient(app, base_url="http://testserver") as client:
         client.get("/ready")  # lets the stand-in's WorkerReady through

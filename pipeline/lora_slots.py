@@ -1,0 +1,327 @@
+"""Fixed LoRA adapter slots on a loaded FLUX.2 transformer, refilled in place for every LoRA set.
+
+Loading LoRAs the diffusers way (`load_lora_weights` + `set_adapters`) adds and removes peft modules and
+changes each layer's `scaling`: fine for a notebook, but a server would grow memory with every new LoRA and,
+under `torch.compile`, recompile on every switch. Here the transformer gets `num_slots` placeholder adapters
+once, at rank `max_rank`, on every `nn.Linear` it has (the union of what any FLUX.2 LoRA may target). All
+slots are always active with scaling 1.0; an empty slot has lora_A = lora_B = 0 and adds exactly nothing.
+Loading a LoRA copies its A into the first r rows of the slot's A and `B * alpha / r * scale` into the first
+r columns of the slot's B: the zero padding contributes exact zeros, and folding the strengths into B keeps
+the module structure, the parameter objects and every scaling value fixed, so a compiled graph stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import torch
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import get_pattern_key
+
+_PREFIX = "transformer."
+_KINDS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".alpha": "alpha"}
+_SHOWN = 5  # names listed in an error before "... and N more"
+
+
+class LoraFitError(ValueError):
+    """A LoRA that cannot be applied to this transformer; nothing was changed.
+
+    `index` is the LoRA's position in the list given to `LoraSlots.apply`, when it came from there.
+    """
+
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class ParsedLora:
+    """A LoRA in diffusers/peft form: `[transformer.]<module>.lora_A/B.weight` and optional `<module>.alpha`.
+
+    `alpha` applies to modules without their own `.alpha` entry; None means alpha = rank (factor 1), the
+    diffusers/peft convention for files without alpha information.
+    """
+
+    name: str
+    state_dict: Mapping[str, torch.Tensor]
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One module's validated contribution, ready to be copied into a slot."""
+
+    module: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    factor: float  # alpha / rank * user scale, folded into B
+
+
+def read_lora_file(path: Path, name: str | None = None) -> ParsedLora:
+    """Reads a .safetensors LoRA through diffusers' own converters (diffusers/peft, Kohya, ai-toolkit, fal).
+
+    diffusers keeps alpha only in the safetensors header (`lora_adapter_metadata`: a LoraConfig's fields);
+    it is resolved here per module into `<module>.alpha` entries, so `LoraSlots` never sees file formats.
+    Kohya files come back with alpha already folded into the weights. Pickled files are not read.
+    """
+    label = name or path.name
+    if not path.is_file():  # else diffusers would take the path for a Hub repo id and go online
+        raise FileNotFoundError(f"LoRA {label!r}: no file at {path}")
+    try:
+        state_dict, metadata = Flux2Pipeline.lora_state_dict(
+            str(path), use_safetensors=True, local_files_only=True, return_lora_metadata=True
+        )
+    except (ValueError, KeyError, TypeError, safetensors.SafetensorError) as error:
+        raise LoraFitError(f"LoRA {label!r}: not a readable FLUX.2 LoRA file ({error})") from error
+    state_dict = dict(state_dict)
+    if metadata:
+        # Header keys are packed with the component prefix, e.g. "transformer.lora_alpha".
+        fields = {k.removeprefix(_PREFIX): v for k, v in metadata.items() if k.startswith(_PREFIX)}
+        if fields:
+            state_dict.update(_alphas_from_metadata(label, state_dict, fields))
+    return ParsedLora(name=label, state_dict=state_dict)
+
+
+def _alphas_from_metadata(
+    label: str, state_dict: Mapping[str, torch.Tensor], fields: dict[str, object]
+) -> dict[str, torch.Tensor]:
+    """Per-module alpha exactly as diffusers would build it: `LoraConfig(**metadata)` and peft's patterns."""
+    try:
+        config = LoraConfig(**fields)  # type: ignore[arg-type]  # header JSON, validated by LoraConfig
+    except (TypeError, ValueError) as error:
+        raise LoraFitError(f"LoRA {label!r}: unusable adapter metadata ({error})") from error
+    if config.use_dora:
+        raise LoraFitError(f"LoRA {label!r}: DoRA adapters are not supported")
+    alphas: dict[str, torch.Tensor] = {}
+    given = {k.removeprefix(_PREFIX) for k in state_dict if k.endswith(".alpha")}
+    for key, tensor in state_dict.items():
+        if not key.endswith(".lora_B.weight") or tensor.ndim != 2:
+            continue
+        module = key.removesuffix(".lora_B.weight")
+        if module.removeprefix(_PREFIX) + ".alpha" in given:
+            continue
+        alpha_pattern: dict[str, float] = config.alpha_pattern or {}
+        pattern = get_pattern_key(list(alpha_pattern), module.removeprefix(_PREFIX))
+        alpha = float(alpha_pattern.get(pattern, config.lora_alpha))
+        if config.use_rslora:  # peft scales by alpha / sqrt(r); express it as alpha' / r
+            alpha *= math.sqrt(tensor.shape[1])
+        alphas[module + ".alpha"] = torch.tensor(alpha)
+    return alphas
+
+
+class LoraSlots:
+    """Always-active rank-`max_rank` adapter slots on every Linear of a transformer, refilled in place."""
+
+    def __init__(self, transformer: torch.nn.Module, num_slots: int = 3, max_rank: int = 128) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError("num_slots and max_rank must be at least 1")
+        if getattr(transformer, "peft_config", None):
+            raise ValueError("the transformer already has peft adapters; LoraSlots must own all of them")
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.slot_names = tuple(f"slot{i}" for i in range(num_slots))
+        targets = [
+            name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)
+        ]
+        if not targets:
+            raise ValueError("the transformer has no nn.Linear modules to attach LoRA slots to")
+        # A full-match regex, not a list: peft matches list entries as name suffixes, and a top-level name
+        # such as `proj_out` would then also hit any nested module that ends the same way.
+        pattern = "^(?:" + "|".join(re.escape(t) for t in targets) + ")$"
+        with warnings.catch_warnings():
+            # peft warns for each adapter after the first that a `peft_config` exists: intended here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+            for slot in self.slot_names:
+                config = LoraConfig(r=max_rank, lora_alpha=max_rank, target_modules=pattern, lora_dropout=0.0)
+                transformer.add_adapter(config, adapter_name=slot)  # type: ignore[operator]
+        # diffusers' set_adapters: all slots active, scaling = weight * alpha / r = 1.0 everywhere.
+        transformer.set_adapters(list(self.slot_names), [1.0] * num_slots)  # type: ignore[operator]
+
+        self._features: dict[str, tuple[int, int]] = {}
+        self._params: list[dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]] = [
+            {} for _ in self.slot_names
+        ]
+        self._layers: list[LoraLayer] = []
+        for name, module in transformer.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            self._layers.append(module)
+            base = module.get_base_layer()
+            assert isinstance(base, torch.nn.Linear)
+            self._features[name] = (base.in_features, base.out_features)
+            for index, slot in enumerate(self.slot_names):
+                lora_A, lora_B = module.lora_A[slot], module.lora_B[slot]
+                assert isinstance(lora_A, torch.nn.Linear) and isinstance(lora_B, torch.nn.Linear)
+                assert isinstance(lora_A.weight, torch.nn.Parameter)
+                assert isinstance(lora_B.weight, torch.nn.Parameter)
+                self._params[index][name] = (lora_A.weight, lora_B.weight)
+        missing = sorted(set(targets) - set(self._features))
+        if missing:
+            raise ValueError(f"peft did not wrap these Linear modules: {', '.join(missing[:_SHOWN])}")
+        self.loaded: list[tuple[str, float] | None] = [None] * num_slots
+        """What each slot holds: (LoRA name, scale), or None when empty."""
+        for index in range(num_slots):
+            self.clear(index)  # peft initialises A randomly; an empty slot is all zeros
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(self._features)
+
+    def scalings(self) -> list[float]:
+        """Every slot's scaling on every layer: always 1.0 (strengths live in lora_B)."""
+        return [float(layer.scaling[slot]) for layer in self._layers for slot in self.slot_names]
+
+    def load(
+        self,
+        slot: int,
+        state_dict: Mapping[str, torch.Tensor],
+        scale: float,
+        name: str,
+        *,
+        alpha: float | None = None,
+    ) -> None:
+        """Replaces a slot's content with one LoRA at `scale`; validated first: a refusal changes nothing."""
+        self._check_slot(slot)
+        writes = self._plan(state_dict, scale, name, alpha)
+        self._write(slot, writes)
+        self.loaded[slot] = (name, scale)
+
+    def clear(self, slot: int) -> None:
+        """Empties a slot: all-zero A and B add exactly 0 to every layer."""
+        self._check_slot(slot)
+        with torch.no_grad():
+            for lora_A, lora_B in self._params[slot].values():
+                lora_A.zero_()
+                lora_B.zero_()
+        self.loaded[slot] = None
+
+    def apply(self, loras: Sequence[tuple[ParsedLora, float]]) -> None:
+        """Loads `loras` into slots 0, 1, .. and clears the rest; all are validated before any is written."""
+        if len(loras) > self.num_slots:
+            names = ", ".join(repr(parsed.name) for parsed, _ in loras)
+            raise LoraFitError(
+                f"{len(loras)} LoRAs requested ({names}); at most {self.num_slots} are supported"
+            )
+        plans = []
+        for index, (parsed, scale) in enumerate(loras):
+            try:
+                plans.append(self._plan(parsed.state_dict, scale, parsed.name, parsed.alpha))
+            except LoraFitError as error:
+                error.index = index
+                raise
+        for slot, (writes, (parsed, scale)) in enumerate(zip(plans, loras, strict=True)):
+            self._write(slot, writes)
+            self.loaded[slot] = (parsed.name, scale)
+        for slot in range(len(loras), self.num_slots):
+            if self.loaded[slot] is not None:
+                self.clear(slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
+
+    def _plan(
+        self, state_dict: Mapping[str, torch.Tensor], scale: float, name: str, alpha: float | None
+    ) -> list[_Write]:
+        """Validates a whole LoRA against this transformer without touching any slot."""
+        if not math.isfinite(scale):
+            raise LoraFitError(f"LoRA {name!r}: scale {scale} is not a finite number")
+        if alpha is not None and not math.isfinite(alpha):
+            raise LoraFitError(f"LoRA {name!r}: alpha {alpha} is not a finite number")
+        grouped = _group(name, state_dict)
+        if not grouped:
+            raise LoraFitError(f"LoRA {name!r} contains no LoRA weights")
+        unknown = sorted(m for m in grouped if m not in self._features)
+        if unknown:
+            what = "matches no module" if len(unknown) == len(grouped) else "targets modules not"
+            raise LoraFitError(
+                f"LoRA {name!r} {what} in this FLUX.2 transformer (a LoRA for another model?): "
+                + _listing(unknown)
+            )
+        writes: list[_Write] = []
+        for module, parts in grouped.items():
+            lora_A, lora_B = parts.get("A"), parts.get("B")
+            if lora_A is None or lora_B is None:
+                raise LoraFitError(f"LoRA {name!r}: {module} lacks its lora_A or lora_B weight")
+            in_features, out_features = self._features[module]
+            rank = lora_A.shape[0] if lora_A.ndim == 2 else -1
+            if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_B.shape[1] != rank:
+                raise LoraFitError(
+                    f"LoRA {name!r}: {module} has lora_A {tuple(lora_A.shape)} and lora_B"
+                    f" {tuple(lora_B.shape)}, not a (r, in) and (out, r) pair"
+                )
+            if rank > self.max_rank:
+                raise LoraFitError(
+                    f"LoRA {name!r}: rank {rank} at {module} exceeds the maximum {self.max_rank}"
+                )
+            if lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
+                raise LoraFitError(
+                    f"LoRA {name!r}: {module} maps {lora_A.shape[1]} -> {lora_B.shape[0]} features but this"
+                    f" transformer's layer maps {in_features} -> {out_features} (a LoRA for another model?)"
+                )
+            if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
+                raise LoraFitError(f"LoRA {name!r}: {module} weights are not floating point")
+            if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+                raise LoraFitError(f"LoRA {name!r}: {module} contains NaN or infinite weights")
+            module_alpha = _module_alpha(name, module, parts.get("alpha"), alpha, rank)
+            writes.append(_Write(module, lora_A, lora_B, module_alpha / rank * scale))
+        return writes
+
+    def _write(self, slot: int, writes: Sequence[_Write]) -> None:
+        """Zeroes the slot, then copies each module's A and scaled B into the leading rank rows/columns."""
+        params = self._params[slot]
+        with torch.no_grad():
+            for lora_A, lora_B in params.values():
+                lora_A.zero_()
+                lora_B.zero_()
+            for write in writes:
+                slot_A, slot_B = params[write.module]
+                rank = write.lora_A.shape[0]
+                slot_A[:rank].copy_(write.lora_A)
+                # Scale in float32 on the slot's device, then let copy_ round once to the slot dtype.
+                scaled_B = write.lora_B.to(device=slot_B.device, dtype=torch.float32) * write.factor
+                slot_B[:, :rank].copy_(scaled_B)
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _group(name: str, state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`{module: {"A"|"B"|"alpha": tensor}}`, the `transformer.` prefix removed; other keys are refused."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        bare = key.removeprefix(_PREFIX)
+        for suffix, kind in _KINDS.items():
+            if bare.endswith(suffix):
+                parts = grouped.setdefault(bare.removesuffix(suffix), {})
+                if kind in parts:
+                    raise LoraFitError(f"LoRA {name!r}: {key} appears twice (with and without {_PREFIX!r})")
+                parts[kind] = tensor
+                break
+        else:
+            raise LoraFitError(
+                f"LoRA {name!r}: unsupported key {key!r} (plain LoRA lora_A/lora_B weights and alpha only;"
+                " DoRA, LoKr and LoRA biases are not supported)"
+            )
+    return grouped
+
+
+def _module_alpha(
+    name: str, module: str, tensor: torch.Tensor | None, default: float | None, rank: int
+) -> float:
+    if tensor is None:
+        return float(rank) if default is None else default
+    if tensor.numel() != 1:
+        raise LoraFitError(f"LoRA {name!r}: {module}.alpha has {tensor.numel()} values, expected one")
+    value = float(tensor.item())
+    if not math.isfinite(value):
+        raise LoraFitError(f"LoRA {name!r}: {module}.alpha is {value}")
+    return value
