@@ -44,6 +44,7 @@ class WorkerConfig:
     lora_slots: int = 3
     max_lora_rank: int = 128
     lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
+    compile: bool = False  # regionally compile the transformer's blocks (after the LoRA slots exist)
 
 
 def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
@@ -62,6 +63,9 @@ def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     started = time.perf_counter()
     pipe, device = load_pipeline(spec, config.cache_dir)
     slots = LoraSlots(pipe.transformer, config.lora_slots, config.max_lora_rank)
+    if config.compile:
+        # Compiled lazily on the first call; slot swaps only change parameter data, so never again after.
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     ready = WorkerReady(
         model=spec.name,
         device=str(device),

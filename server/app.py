@@ -49,6 +49,7 @@ def create_app(
             settings.cache_dir,
             max_lora_rank=settings.max_lora_rank,
             lora_memory_bytes=settings.lora_memory_max_bytes,
+            compile=settings.compile,
         )
         return WorkerProcess(config, scheduler.listener)
 

@@ -36,6 +36,7 @@ class Settings:
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
+    compile: bool = False  # torch.compile the transformer's blocks (acceleration presets will replace this)
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

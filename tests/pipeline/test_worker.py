@@ -1,0 +1,25 @@
+"""The worker's model load: registry choice, LoRA slots attached, the compile switch honoured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.models import load_registry
+from pipeline.worker import WorkerConfig, _load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_load_tiny(cache_dir: Path, compile_blocks: bool) -> None:
+    config = WorkerConfig(
+        load_registry(ROOT / "models.yaml"), "tiny", cache_dir, max_lora_rank=8, compile=compile_blocks
+    )
+    generator, ready = _load(config)
+    assert (ready.model, ready.device, ready.dtype) == ("tiny", "cpu", "float32")
+    assert generator.slots.max_rank == 8 and generator.slots.num_slots == 3
+    blocks = [m for m in generator.pipe.transformer.modules() if type(m).__name__ == "Flux2TransformerBlock"]
+    assert blocks
+    assert all((block._compiled_call_impl is not None) is compile_blocks for block in blocks)

@@ -1,0 +1,42 @@
+"""Settings: flags over FLUX2_* variables over defaults; bad values name their variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import Settings, SettingsError
+
+
+def test_defaults() -> None:
+    settings = Settings.load(env={})
+    assert (settings.host, settings.port, settings.model, settings.compile) == (
+        "127.0.0.1",
+        8000,
+        None,
+        False,
+    )
+    assert settings.lora_folders == () and settings.max_lora_rank == 128
+
+
+def test_environment_then_flags() -> None:
+    env = {"FLUX2_PORT": "9000", "FLUX2_MODEL": "tiny", "FLUX2_LORA_FOLDERS": "/a:/b", "FLUX2_COMPILE": "yes"}
+    settings = Settings.load(env=env, port=9100, model=None)
+    assert settings.port == 9100  # the flag wins
+    assert settings.model == "tiny"  # an absent flag (None) leaves the variable's value
+    assert settings.lora_folders == (Path("/a"), Path("/b"))
+    assert settings.compile is True
+
+
+@pytest.mark.parametrize("raw", ["false", "0", "no", "off", "False"])
+def test_false_is_false(raw: str) -> None:
+    assert Settings.load(env={"FLUX2_ALLOW_PRIVATE_LORA_URLS": raw}).allow_private_lora_urls is False
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"), [("FLUX2_PORT", "eighty"), ("FLUX2_COMPILE", "maybe"), ("FLUX2_SSE_PING_SECONDS", "soon")]
+)
+def test_bad_values_name_the_variable(key: str, raw: str) -> None:
+    with pytest.raises(SettingsError, match=key):
+        Settings.load(env={key: raw})
