@@ -17,7 +17,7 @@ from server.errors import FalHTTPError, handle_fal_error
 from server.files import FileStore
 from server.middleware import FalRoutingMiddleware
 from server.outputs import OutputBuilder
-from server.routes import ops, queue, run
+from server.routes import ops, playground, queue, run
 from server.scheduler import Scheduler, Worker
 from server.worker_process import WorkerProcess
 
@@ -74,7 +74,7 @@ def create_app(
     app.state.model_name = settings.model or "auto"
     app.add_exception_handler(FalHTTPError, handle_fal_error)
     app.add_middleware(FalRoutingMiddleware)
-    for module in (run, queue, ops):
+    for module in (run, queue, ops, playground):
         app.include_router(module.router)
     openapi.install(app)
     return app
