@@ -52,6 +52,7 @@ class ImageGenerator:
         self.pipe = pipe
         self.slots = slots
         self.lora_cache = lora_cache
+        self.last_lora_switch_seconds = 0.0
 
     def check_supported(self, params: GenerationParams) -> None:
         if params.enable_prompt_expansion:
@@ -62,9 +63,11 @@ class ImageGenerator:
 
     def apply_loras(self, loras: tuple[LoraRequest, ...]) -> None:
         """Puts the request's LoRAs into the slots (and empties the others); a refusal changes no slot."""
+        started = time.perf_counter()
         try:
             parsed = [(self._parsed(index, lora), lora.scale) for index, lora in enumerate(loras)]
             self.slots.apply(parsed)
+            self.last_lora_switch_seconds = time.perf_counter() - started
         except LoraFitError as exc:
             loc: tuple[str | int, ...] = ("loras",) if exc.index is None else ("loras", exc.index, "path")
             raise InvalidInput(str(exc), loc=loc) from exc

@@ -98,6 +98,19 @@ class JobSucceeded:
     inference_seconds: float
 
 
+@dataclass(frozen=True)
+class WorkerStats:
+    """Sent after every job, for metrics: counters are cumulative since the worker started."""
+
+    lora_switch_seconds: float  # applying this job's LoRA set to the slots
+    lora_memory_hits: int
+    lora_memory_misses: int
+    lora_memory_evictions: int
+    compiled_graphs: int  # torch.compile graphs built so far; growth after warm-up means recompiles
+    device_memory_bytes: int  # allocated on the accelerator now (0 on CPU)
+    device_peak_bytes: int
+
+
 class FailureKind(StrEnum):
     """Why a job failed; the HTTP side maps each kind to a fal-shaped answer in one place."""
 
@@ -118,4 +131,6 @@ class JobFailed:
 
 
 ToWorker = Job | Shutdown
-FromWorker = WorkerReady | WorkerStartupFailed | JobStarted | StepProgress | JobSucceeded | JobFailed
+FromWorker = (
+    WorkerReady | WorkerStartupFailed | JobStarted | StepProgress | JobSucceeded | JobFailed | WorkerStats
+)

@@ -25,6 +25,7 @@ from pipeline.messages import (
     ToWorker,
     WorkerReady,
     WorkerStartupFailed,
+    WorkerStats,
 )
 from pipeline.models import Registry
 
@@ -104,6 +105,22 @@ def _run_job(
     return JobFailed(job.request_id, kind, message, loc, time.perf_counter() - started)
 
 
+def _stats(generator: ImageGenerator) -> WorkerStats:
+    import torch
+    from torch._dynamo.utils import counters
+
+    cache, cuda = generator.lora_cache, torch.cuda.is_available()
+    return WorkerStats(
+        lora_switch_seconds=generator.last_lora_switch_seconds,
+        lora_memory_hits=cache.hits,
+        lora_memory_misses=cache.misses,
+        lora_memory_evictions=cache.evictions,
+        compiled_graphs=int(counters["stats"]["unique_graphs"]),
+        device_memory_bytes=torch.cuda.memory_allocated() if cuda else 0,
+        device_peak_bytes=torch.cuda.max_memory_allocated() if cuda else 0,
+    )
+
+
 def run_worker(
     config: WorkerConfig,
     inbox: Queue[ToWorker],
@@ -130,3 +147,4 @@ def run_worker(
             return
         outbox.put(JobStarted(message.request_id))
         outbox.put(_run_job(generator, message, outbox, cancelled_id))
+        outbox.put(_stats(generator))

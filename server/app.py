@@ -15,6 +15,7 @@ from server import openapi
 from server.config import Settings
 from server.errors import FalHTTPError, handle_fal_error
 from server.files import FileStore
+from server.metrics import Metrics
 from server.middleware import FalRoutingMiddleware
 from server.outputs import OutputBuilder
 from server.routes import ops, playground, queue, run
@@ -40,7 +41,8 @@ def create_app(
             cache_max_bytes=settings.lora_cache_max_bytes,
         )
     )
-    scheduler = Scheduler(OutputBuilder(files), fetcher)
+    metrics = Metrics(fetcher)
+    scheduler = Scheduler(OutputBuilder(files), fetcher, metrics)
 
     def spawn_worker(scheduler: Scheduler) -> Worker:
         config = WorkerConfig(
@@ -71,6 +73,7 @@ def create_app(
     app.state.settings = settings
     app.state.scheduler = scheduler
     app.state.files = files
+    app.state.metrics = metrics
     app.state.model_name = settings.model or "auto"
     app.add_exception_handler(FalHTTPError, handle_fal_error)
     app.add_middleware(FalRoutingMiddleware)

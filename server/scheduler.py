@@ -23,9 +23,11 @@ from pipeline.messages import (
     StepProgress,
     WorkerReady,
     WorkerStartupFailed,
+    WorkerStats,
 )
 from server.errors import Outcome, failure_outcome, input_error, request_error, worker_lost
 from server.jobs import JobRecord, JobStatus, Priority
+from server.metrics import Metrics
 from server.outputs import OutputBuilder
 from server.worker_process import Listener, WorkerExited
 
@@ -55,9 +57,13 @@ class CancelResult(StrEnum):
 
 
 class Scheduler:
-    def __init__(self, outputs: OutputBuilder, loras: LoraFetcher, max_restarts: int = 3) -> None:
+    def __init__(
+        self, outputs: OutputBuilder, loras: LoraFetcher, metrics: Metrics, max_restarts: int = 3
+    ) -> None:
         self.outputs = outputs
         self.loras = loras
+        self.metrics = metrics
+        metrics.track_queue_depth(lambda: self.queue_depth)
         self.jobs: dict[str, JobRecord] = {}
         self.state = WorkerState.STOPPED
         self.ready_info: WorkerReady | None = None
@@ -96,6 +102,7 @@ class Scheduler:
         self.jobs[record.request_id] = record
         if record.outcome is not None:  # refused at validation: completed on arrival, as fal does
             record.move_to(JobStatus.COMPLETED)
+            self.metrics.completed(record, record.outcome)
             return
         if self.state is WorkerState.FAILED:
             self._close(record, self._unavailable())
@@ -181,6 +188,7 @@ class Scheduler:
         assert record.params is not None
         self._running = record
         record.move_to(JobStatus.IN_PROGRESS)
+        self.metrics.started(record)
         self._worker.submit(Job(record.request_id, record.params))
 
     def _on_message(self, message: FromWorker | WorkerExited) -> None:
@@ -193,6 +201,8 @@ class Scheduler:
             self._fail_permanently(f"the model could not be loaded: {message.message}")
         elif isinstance(message, WorkerExited):
             self._on_worker_exit(message)
+        elif isinstance(message, WorkerStats):
+            self.metrics.worker_stats(message)
         elif running is None or message.request_id != running.request_id:
             log.error("ignoring a worker message for a request not in progress: %r", message)
         elif isinstance(message, JobStarted):
@@ -217,6 +227,7 @@ class Scheduler:
             self.loras.release(record.fetched_loras)
             record.fetched_loras = []
         record.complete(outcome, inference_seconds)
+        self.metrics.completed(record, outcome)
 
     def _on_worker_exit(self, exited: WorkerExited) -> None:
         detail = f"the GPU worker exited unexpectedly (exit code {exited.exitcode})"
@@ -226,6 +237,7 @@ class Scheduler:
             self._fail_permanently(detail)
             return
         self.restarts += 1
+        self.metrics.worker_restarts.inc()
         log.error("%s; restarting it (%d of %d)", detail, self.restarts, self._max_restarts)
         assert self._worker is not None and self._loop is not None
         self.state = WorkerState.STARTING

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.errors import FalHTTPError
 from server.files import FileStore
@@ -32,6 +33,12 @@ async def ready(request: Request) -> JSONResponse:
         "error": scheduler.failure,
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/files/{name}", summary="A generated image")

@@ -98,6 +98,15 @@ def test_loras_by_url_scale_and_order(live_server: LiveServer, files: FileServer
     assert np.abs(both - swapped).max() <= 1  # the same sum in another order: at most one 8-bit level
     assert np.array_equal(pixels(generate(live_server)), base)  # and back to no LoRA
     assert files.requests.count("/style.safetensors") == 1  # later uses came from the cache
+    metrics = httpx.get(f"{live_server.url}/metrics").text
+    assert 'flux2_lora_cache_hits_total{cache="disk"}' in metrics
+    hits = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("flux2_lora_cache")
+    }
+    assert hits['flux2_lora_cache_hits_total{cache="disk"}'] >= 4  # style was fetched once, then reused
+    assert hits['flux2_lora_cache_hits_total{cache="memory"}'] >= 3  # and parsed once
 
 
 def test_local_lora_folder(

@@ -20,6 +20,7 @@ from pipeline.messages import (
     JobSucceeded,
     StepProgress,
     WorkerReady,
+    WorkerStats,
 )
 from server.worker_process import Listener
 
@@ -62,6 +63,7 @@ class StandInWorker:
                 job.request_id, (image,) * p.num_images, p.seed, p.prompt, (False,) * p.num_images, 0.01
             )
         )
+        self.listener(WorkerStats(0.002, 1, 2, 0, 0, 0, 0))
 
     def cancel(self, request_id: str) -> None:
         assert self._loop is not None
