@@ -33,6 +33,15 @@ class _DropMessage(logging.Filter):
 logging.getLogger("transformers.processing_utils").addFilter(_DropMessage("have to be in `processor_kwargs`"))
 
 
+def _quiet_progress_bars() -> None:
+    """Loading bars are for notebooks; in a server log they are noise, and they break JSON log lines."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def resolve_device(spec: HubModel | TinyModel) -> torch.device:
     if spec.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,6 +63,7 @@ def _source_folder(spec: HubModel | TinyModel, cache_dir: Path) -> tuple[str, di
 
 def load_pipeline(spec: HubModel | TinyModel, cache_dir: Path) -> tuple[Flux2Pipeline, torch.device]:
     device = resolve_device(spec)
+    _quiet_progress_bars()
     source, hub_kwargs = _source_folder(spec, cache_dir)
     log.info("loading model %r from %s (%s on %s)", spec.name, source, spec.dtype, device)
     pipe = Flux2Pipeline.from_pretrained(source, dtype=_DTYPES[spec.dtype], **hub_kwargs)

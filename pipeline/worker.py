@@ -14,6 +14,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.logs import configure_logging
 from pipeline.messages import (
     FailureKind,
     FromWorker,
@@ -46,6 +47,8 @@ class WorkerConfig:
     max_lora_rank: int = 128
     lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
     compile: bool = False  # regionally compile the transformer's blocks (after the LoRA slots exist)
+    log_level: str = "info"
+    log_json: bool = False
 
 
 def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
@@ -100,7 +103,7 @@ def _run_job(
         torch.cuda.empty_cache()
         kind, message, loc = FailureKind.OUT_OF_MEMORY, f"out of device memory: {exc}", ()
     except Exception as exc:
-        log.error("request %s failed:\n%s", job.request_id, traceback.format_exc())
+        log.error("generation failed:\n%s", traceback.format_exc(), extra={"request_id": job.request_id})
         kind, message, loc = FailureKind.INTERNAL, f"{type(exc).__name__}: {exc}", ()
     return JobFailed(job.request_id, kind, message, loc, time.perf_counter() - started)
 
@@ -132,7 +135,7 @@ def run_worker(
     `cancelled_id` holds the id of a request the server wants stopped; the running job checks it after
     every denoising step. Keyed by id, so a cancel that arrives late can never hit the next job.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    configure_logging(config.log_level, config.log_json)
     try:
         generator, ready = _load(config)
     except Exception as exc:

@@ -52,6 +52,8 @@ def create_app(
             max_lora_rank=settings.max_lora_rank,
             lora_memory_bytes=settings.lora_memory_max_bytes,
             compile=settings.compile,
+            log_level=settings.log_level,
+            log_json=settings.log_json,
         )
         return WorkerProcess(config, scheduler.listener)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from pipeline.logs import configure_logging
 from pipeline.models import ConfigError, load_registry
 from server.config import Settings, SettingsError
 
@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, dest="models_file", help="the model registry (default models.yaml)"
     )
     serve.add_argument("--data-dir", type=Path, help="generated files (default ./data, env FLUX2_DATA_DIR)")
+    serve.add_argument(
+        "--log-json", action="store_true", default=None, help="JSON log lines (env FLUX2_LOG_JSON)"
+    )
     serve.add_argument(
         "--lora-folder",
         type=Path,
@@ -45,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
             models_file=args.models_file,
             data_dir=args.data_dir,
             lora_folders=tuple(args.lora_folders) if args.lora_folders else None,
+            log_json=args.log_json,
         )
         registry = load_registry(settings.models_file)
         if settings.model is not None:
@@ -52,11 +56,10 @@ def serve(args: argparse.Namespace) -> int:
     except (ConfigError, SettingsError) as exc:
         print(f"flux2-server: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings, registry)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # log_config=None: uvicorn's own loggers go through the handler configured above (JSON included).
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None)
     return 0
 
 

@@ -29,6 +29,7 @@ class Settings:
     public_url: str | None = None  # base of file and queue URLs, when clients reach us through a proxy
     sse_ping_seconds: float = 15.0
     log_level: str = "info"
+    log_json: bool = False  # one JSON object per log line
     # LoRAs
     lora_folders: tuple[Path, ...] = ()  # local LoRA paths are allowed only under these (os.pathsep list)
     allow_private_lora_urls: bool = False  # loopback / private / link-local LoRA URLs (SSRF guard off)

@@ -100,6 +100,7 @@ class Scheduler:
     def accept(self, record: JobRecord) -> None:
         """Take ownership of a request; it will end COMPLETED whatever happens."""
         self.jobs[record.request_id] = record
+        log.info("accepted for %s", record.app_id, extra={"request_id": record.request_id})
         if record.outcome is not None:  # refused at validation: completed on arrival, as fal does
             record.move_to(JobStatus.COMPLETED)
             self.metrics.completed(record, record.outcome)
@@ -189,6 +190,7 @@ class Scheduler:
         self._running = record
         record.move_to(JobStatus.IN_PROGRESS)
         self.metrics.started(record)
+        log.info("started", extra={"request_id": record.request_id})
         self._worker.submit(Job(record.request_id, record.params))
 
     def _on_message(self, message: FromWorker | WorkerExited) -> None:
@@ -228,6 +230,8 @@ class Scheduler:
             record.fetched_loras = []
         record.complete(outcome, inference_seconds)
         self.metrics.completed(record, outcome)
+        result = "ok" if outcome.ok else f"{outcome.status_code} {outcome.error_type}: {outcome.error}"
+        log.info("completed: %s", result, extra={"request_id": record.request_id})
 
     def _on_worker_exit(self, exited: WorkerExited) -> None:
         detail = f"the GPU worker exited unexpectedly (exit code {exited.exitcode})"

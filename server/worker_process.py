@@ -54,7 +54,10 @@ class WorkerProcess:
             daemon=True,
         )
         self._process.start()
-        threading.Thread(target=self._pump, args=(loop, self._process, self._outbox), daemon=True).start()
+        self._pump_thread = threading.Thread(
+            target=self._pump, args=(loop, self._process, self._outbox), daemon=True
+        )
+        self._pump_thread.start()
 
     def _pump(self, loop: asyncio.AbstractEventLoop, process: SpawnProcess, outbox: Any) -> None:
         """Forward the child's messages to the event loop until the child is gone."""
@@ -89,3 +92,10 @@ class WorkerProcess:
             self._process.kill()
             self._process.join(timeout)
         self._process = None
+        self._pump_thread.join(timeout)
+        # Drop the queues and the shared slot now: their semaphores are unlinked when collected, and the
+        # multiprocessing resource tracker warns about any still alive when the server exits.
+        for channel in (self._inbox, self._outbox):
+            channel.close()
+            channel.join_thread()
+        del self._inbox, self._outbox, self._cancelled_id

@@ -3,6 +3,7 @@ reported on /ready and answered with 503s, while /health stays up."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,23 @@ def test_model_that_cannot_load(tmp_path: Path) -> None:
         assert run.json()["error_type"] == "runner_scheduling_failure"
     finally:
         server.stop()
+
+
+def test_json_logs_carry_the_request_id(tmp_path: Path, cache_dir: Path) -> None:
+    server = LiveServer(
+        tmp_path / "data", "--model", "tiny", "--log-json", env={"FLUX2_CACHE_DIR": str(cache_dir)}
+    )
+    try:
+        server.wait_ready()
+        response = httpx.post(
+            f"{server.url}/fal-ai/flux-2", json={"prompt": "p", "image_size": "square"}, timeout=60
+        )
+        request_id = response.headers["x-fal-request-id"]
+    finally:
+        server.stop()
+    # Every log record is one JSON line; other lines come from outside logging (multiprocessing's resource
+    # tracker may print a warning at exit).
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    mine = [entry["message"] for entry in lines if entry.get("request_id") == request_id]
+    assert mine[0].startswith("accepted") and mine[-1] == "completed: ok"
+    assert {"MainProcess", "flux2-worker"} <= {entry["process"] for entry in lines}
