@@ -13,7 +13,8 @@ from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from pipeline.errors import Cancelled, InvalidInput, Unsupported
 from pipeline.images import encode_image
 from pipeline.lora_cache import LoraMemoryCache
-from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora, read_lora_file
+from pipeline.lora_formats import read_lora_file
+from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
 from pipeline.messages import GenerationParams, JobSucceeded, LoraRequest
 
 StepCallback = Callable[[int, int], None]

@@ -17,14 +17,10 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import safetensors
 import torch
-from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.utils.other import get_pattern_key
 
 _PREFIX = "transformer."
 _KINDS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".alpha": "alpha"}
@@ -61,58 +57,6 @@ class _Write:
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     factor: float  # alpha / rank * user scale, folded into B
-
-
-def read_lora_file(path: Path, name: str | None = None) -> ParsedLora:
-    """Reads a .safetensors LoRA through diffusers' own converters (diffusers/peft, Kohya, ai-toolkit, fal).
-
-    diffusers keeps alpha only in the safetensors header (`lora_adapter_metadata`: a LoraConfig's fields);
-    it is resolved here per module into `<module>.alpha` entries, so `LoraSlots` never sees file formats.
-    Kohya files come back with alpha already folded into the weights. Pickled files are not read.
-    """
-    label = name or path.name
-    if not path.is_file():  # else diffusers would take the path for a Hub repo id and go online
-        raise FileNotFoundError(f"LoRA {label!r}: no file at {path}")
-    try:
-        state_dict, metadata = Flux2Pipeline.lora_state_dict(
-            str(path), use_safetensors=True, local_files_only=True, return_lora_metadata=True
-        )
-    except (ValueError, KeyError, TypeError, safetensors.SafetensorError) as error:
-        raise LoraFitError(f"LoRA {label!r}: not a readable FLUX.2 LoRA file ({error})") from error
-    state_dict = dict(state_dict)
-    if metadata:
-        # Header keys are packed with the component prefix, e.g. "transformer.lora_alpha".
-        fields = {k.removeprefix(_PREFIX): v for k, v in metadata.items() if k.startswith(_PREFIX)}
-        if fields:
-            state_dict.update(_alphas_from_metadata(label, state_dict, fields))
-    return ParsedLora(name=label, state_dict=state_dict)
-
-
-def _alphas_from_metadata(
-    label: str, state_dict: Mapping[str, torch.Tensor], fields: dict[str, object]
-) -> dict[str, torch.Tensor]:
-    """Per-module alpha exactly as diffusers would build it: `LoraConfig(**metadata)` and peft's patterns."""
-    try:
-        config = LoraConfig(**fields)  # type: ignore[arg-type]  # header JSON, validated by LoraConfig
-    except (TypeError, ValueError) as error:
-        raise LoraFitError(f"LoRA {label!r}: unusable adapter metadata ({error})") from error
-    if config.use_dora:
-        raise LoraFitError(f"LoRA {label!r}: DoRA adapters are not supported")
-    alphas: dict[str, torch.Tensor] = {}
-    given = {k.removeprefix(_PREFIX) for k in state_dict if k.endswith(".alpha")}
-    for key, tensor in state_dict.items():
-        if not key.endswith(".lora_B.weight") or tensor.ndim != 2:
-            continue
-        module = key.removesuffix(".lora_B.weight")
-        if module.removeprefix(_PREFIX) + ".alpha" in given:
-            continue
-        alpha_pattern: dict[str, float] = config.alpha_pattern or {}
-        pattern = get_pattern_key(list(alpha_pattern), module.removeprefix(_PREFIX))
-        alpha = float(alpha_pattern.get(pattern, config.lora_alpha))
-        if config.use_rslora:  # peft scales by alpha / sqrt(r); express it as alpha' / r
-            alpha *= math.sqrt(tensor.shape[1])
-        alphas[module + ".alpha"] = torch.tensor(alpha)
-    return alphas
 
 
 class LoraSlots:

@@ -16,7 +16,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora, read_lora_file
+from pipeline.lora_formats import read_lora_file
+from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
 from pipeline.tiny import ensure_tiny_pipeline
 
 # Tolerance for images in [0, 1] that must agree up to float32 rounding. The slots compute
