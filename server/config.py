@@ -30,6 +30,8 @@ class Settings:
     sse_ping_seconds: float = 15.0
     log_level: str = "info"
     log_json: bool = False  # one JSON object per log line
+    tls: bool = False  # HTTPS, with a local CA kept in the data folder
+    tls_hosts: tuple[str, ...] = ()  # names the certificate covers, besides localhost and this host's name
     # LoRAs
     lora_folders: tuple[Path, ...] = ()  # local LoRA paths are allowed only under these (os.pathsep list)
     allow_private_lora_urls: bool = False  # loopback / private / link-local LoRA URLs (SSRF guard off)
@@ -54,6 +56,13 @@ class Settings:
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def tls_host_names(self) -> tuple[str, ...]:
+        from server.tls import default_hosts
+
+        extra = (self.host,) if self.host not in ("0.0.0.0", "::") else ()
+        return tuple(dict.fromkeys((*default_hosts(), *extra, *self.tls_hosts)))
 
     @property
     def lora_cache_dir(self) -> Path:
@@ -83,6 +92,8 @@ def _parse(key: str, raw: str, type_name: str) -> object:
         return _BOOLS[raw.strip().lower()]
     if type_name.startswith("tuple[Path"):
         return tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)
+    if type_name.startswith("tuple[str"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     try:
         if type_name.startswith("Path"):
             return Path(raw).expanduser()

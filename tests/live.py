@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,9 +29,15 @@ def free_port() -> int:
 class LiveServer:
     """`flux2-server serve` in a subprocess, as a user starts it."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *args: str, env: dict[str, str] | None = None, tls: bool = False
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        # With --tls the certificate names localhost (and 127.0.0.1); our own polls trust the server's CA.
+        self.url = f"https://localhost:{self.port}" if tls else f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        args = (*args, "--tls") if tls else args
         self.log_path = data_dir / "server.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         command = [
@@ -52,6 +59,10 @@ class LiveServer:
             stderr=subprocess.STDOUT,
         )
 
+    def verify(self) -> ssl.SSLContext | bool:
+        """What a client needs to trust this server: its local CA when it serves HTTPS."""
+        return ssl.create_default_context(cafile=self.data_dir / "tls" / "ca.pem") if self.tls else True
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -67,10 +78,10 @@ class LiveServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                ready = httpx.get(f"{self.url}/ready", timeout=2)
+                ready = httpx.get(f"{self.url}/ready", timeout=2, verify=self.verify())
                 if accept(ready):
                     return ready
-            except httpx.TransportError:
+            except (httpx.TransportError, FileNotFoundError):  # not up yet, or its CA not written yet
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not in the awaited state after {timeout} s:\n{self.log()}")
