@@ -51,7 +51,8 @@ class WorkerConfig:
     log_json: bool = False
 
 
-def _load(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
+def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
+    """Load the model with its LoRA slots: the worker's start, and `flux2-server generate`'s."""
     import torch
 
     from pipeline.generation import ImageGenerator
@@ -137,7 +138,7 @@ def run_worker(
     """
     configure_logging(config.log_level, config.log_json)
     try:
-        generator, ready = _load(config)
+        generator, ready = load_generator(config)
     except Exception as exc:
         log.error("model load failed:\n%s", traceback.format_exc())
         outbox.put(WorkerStartupFailed(f"{type(exc).__name__}: {exc}"))

@@ -8,9 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pipeline.lora_sources import LoraFetcher, LoraPolicy
+from pipeline.lora_sources import LoraFetcher
 from pipeline.models import Registry
-from pipeline.worker import WorkerConfig
 from server import openapi
 from server.config import Settings
 from server.errors import FalHTTPError, handle_fal_error
@@ -32,30 +31,12 @@ def create_app(
 ) -> FastAPI:
     """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
     files = FileStore(settings.files_dir)
-    fetcher = LoraFetcher(
-        LoraPolicy(
-            cache_dir=settings.lora_cache_dir,
-            folders=settings.lora_folders,
-            allow_private_addresses=settings.allow_private_lora_urls,
-            max_total_bytes=settings.lora_request_max_bytes,
-            cache_max_bytes=settings.lora_cache_max_bytes,
-        )
-    )
+    fetcher = LoraFetcher(settings.lora_policy())
     metrics = Metrics(fetcher)
     scheduler = Scheduler(OutputBuilder(files), fetcher, metrics)
 
     def spawn_worker(scheduler: Scheduler) -> Worker:
-        config = WorkerConfig(
-            registry,
-            settings.model,
-            settings.cache_dir,
-            max_lora_rank=settings.max_lora_rank,
-            lora_memory_bytes=settings.lora_memory_max_bytes,
-            compile=settings.compile,
-            log_level=settings.log_level,
-            log_json=settings.log_json,
-        )
-        return WorkerProcess(config, scheduler.listener)
+        return WorkerProcess(settings.worker_config(registry), scheduler.listener)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

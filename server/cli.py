@@ -16,24 +16,48 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the fal routes over HTTP (or HTTPS with --tls)")
-    serve.add_argument("--model", help="a model from models.yaml (default: flux2-dev with CUDA, else tiny)")
-    serve.add_argument(
-        "--config", type=Path, dest="models_file", help="the model registry (default models.yaml)"
-    )
     serve.add_argument(
         "--log-json", action="store_true", default=None, help="JSON log lines (env FLUX2_LOG_JSON)"
     )
-    serve.add_argument(
-        "--lora-folder",
-        type=Path,
+
+    generate = commands.add_parser("generate", help="generate images locally, without a server")
+    generate.add_argument("prompt")
+    generate.add_argument(
+        "--lora",
         action="append",
-        dest="lora_folders",
-        help="a folder local LoRA paths may come from (repeatable; env FLUX2_LORA_FOLDERS)",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA URL, Hugging Face repo or local file, with an optional scale (up to 3)",
     )
+    generate.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="image file (out.png)")
+    generate.add_argument("--size", default="landscape_4_3", help="a preset (square_hd, ...) or WIDTHxHEIGHT")
+    generate.add_argument("--steps", type=int, default=28)
+    generate.add_argument("--guidance", type=float, default=2.5)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--num-images", type=int, default=1)
+
+    download = commands.add_parser("download", help="prefetch a model's weights (resumable)")
+    download.add_argument("--model", default="flux2-dev", help="a model from models.yaml (flux2-dev)")
 
     env = commands.add_parser(
         "env", help="print the variables under which an unmodified fal_client script calls this server"
     )
+
+    for command in (serve, generate, download):
+        command.add_argument(
+            "--config", type=Path, dest="models_file", help="the model registry (default models.yaml)"
+        )
+    for command in (serve, generate):
+        command.add_argument(
+            "--model", help="a model from models.yaml (default: flux2-dev with CUDA, else tiny)"
+        )
+        command.add_argument(
+            "--lora-folder",
+            type=Path,
+            action="append",
+            dest="lora_folders",
+            help="a folder local LoRA paths may come from (repeatable; env FLUX2_LORA_FOLDERS)",
+        )
     for command in (serve, env):
         command.add_argument("--host", help="address to bind / to reach (default 127.0.0.1, env FLUX2_HOST)")
         command.add_argument("--port", type=int, help="port (default 8000, env FLUX2_PORT)")
@@ -48,15 +72,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """Flags that a command has and the user gave override FLUX2_* variables; the rest stay as they are."""
+    given = vars(args)
+    folders = given.get("lora_folders")
     return Settings.load(
-        model=getattr(args, "model", None),
-        host=args.host,
-        port=args.port,
-        models_file=getattr(args, "models_file", None),
-        data_dir=args.data_dir,
-        tls=args.tls,
-        lora_folders=tuple(args.lora_folders) if getattr(args, "lora_folders", None) else None,
-        log_json=getattr(args, "log_json", None),
+        model=given.get("model") if args.command != "download" else None,
+        host=given.get("host"),
+        port=given.get("port"),
+        models_file=given.get("models_file"),
+        data_dir=given.get("data_dir"),
+        tls=given.get("tls"),
+        lora_folders=tuple(folders) if folders else None,
+        log_json=given.get("log_json"),
     )
 
 
@@ -105,11 +132,41 @@ def env(settings: Settings) -> int:
     return 0
 
 
+def _generate(settings: Settings, args: argparse.Namespace) -> int:
+    from server.oneshot import generate, parse_lora
+
+    width, _, height = args.size.partition("x")
+    size: object = (
+        {"width": int(width), "height": int(height)} if width.isdigit() and height.isdigit() else args.size
+    )
+    body = {
+        "prompt": args.prompt,
+        "image_size": size,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "output_format": {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
+            args.output.suffix.lower(), "png"
+        ),
+        "loras": [parse_lora(text) for text in args.lora],
+    }
+    return generate(settings, load_registry(settings.models_file), body, args.output)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-        return serve(settings) if args.command == "serve" else env(settings)
+        if args.command == "serve":
+            return serve(settings)
+        if args.command == "generate":
+            return _generate(settings, args)
+        if args.command == "download":
+            from server.oneshot import download
+
+            return download(settings, load_registry(settings.models_file), args.model)
+        return env(settings)
     except (ConfigError, SettingsError) as exc:
         print(f"flux2-server: {exc}", file=sys.stderr)
         return 2

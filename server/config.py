@@ -10,6 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from pipeline.lora_sources import LoraPolicy
+from pipeline.models import Registry
+from pipeline.worker import WorkerConfig
+
 ENV_PREFIX = "FLUX2_"
 
 
@@ -67,6 +71,27 @@ class Settings:
     @property
     def lora_cache_dir(self) -> Path:
         return self.cache_dir / "loras"
+
+    def lora_policy(self) -> LoraPolicy:
+        return LoraPolicy(
+            cache_dir=self.lora_cache_dir,
+            folders=self.lora_folders,
+            allow_private_addresses=self.allow_private_lora_urls,
+            max_total_bytes=self.lora_request_max_bytes,
+            cache_max_bytes=self.lora_cache_max_bytes,
+        )
+
+    def worker_config(self, registry: Registry) -> WorkerConfig:
+        return WorkerConfig(
+            registry,
+            self.model,
+            self.cache_dir,
+            max_lora_rank=self.max_lora_rank,
+            lora_memory_bytes=self.lora_memory_max_bytes,
+            compile=self.compile,
+            log_level=self.log_level,
+            log_json=self.log_json,
+        )
 
 
 class SettingsError(ValueError):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.models import load_registry
-from pipeline.worker import WorkerConfig, _load
+from pipeline.worker import WorkerConfig, load_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,7 +17,7 @@ def test_load_tiny(cache_dir: Path, compile_blocks: bool) -> None:
     config = WorkerConfig(
         load_registry(ROOT / "models.yaml"), "tiny", cache_dir, max_lora_rank=8, compile=compile_blocks
     )
-    generator, ready = _load(config)
+    generator, ready = load_generator(config)
     assert (ready.model, ready.device, ready.dtype) == ("tiny", "cpu", "float32")
     assert generator.slots.max_rank == 8 and generator.slots.num_slots == 3
     blocks = [m for m in generator.pipe.transformer.modules() if type(m).__name__ == "Flux2TransformerBlock"]

@@ -1,0 +1,125 @@
+"""`flux2-server generate` and `download`: local, one-shot use of the same code the server runs.
+
+`generate` validates its arguments with the server's own input schema, fetches LoRAs through the same
+fetcher and cache, and runs the same `ImageGenerator`, so a CLI image equals the server's for the same
+request. torch is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline.lora_sources import LoraFetcher, LoraSourceError
+from pipeline.models import HubModel, Registry, TinyModel
+from server.config import Settings
+from server.errors import validation_errors
+from server.schemas import Flux2LoraInput
+
+
+def parse_lora(text: str) -> dict[str, Any]:
+    """`PATH[:SCALE]`; a URL's own colons stay in the path (only a number after the last colon is a scale)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return {"path": path, "scale": float(scale)} if path else {"path": text}
+    except ValueError:
+        return {"path": text}
+
+
+def generate(settings: Settings, registry: Registry, body: dict[str, Any], output: Path) -> int:
+    from tqdm import tqdm
+
+    from pipeline.errors import PipelineError
+    from pipeline.worker import load_generator
+
+    try:
+        request = Flux2LoraInput.model_validate(body)
+    except ValidationError as exc:
+        for error in validation_errors(exc):
+            print(f"flux2-server: {'.'.join(map(str, error['loc'][1:]))}: {error['msg']}", file=sys.stderr)
+        return 2
+    params = request.to_params()
+    if params.loras:
+        try:
+            fetched = asyncio.run(_fetch([lora.path for lora in params.loras], settings))
+        except LoraSourceError as exc:
+            print(f"flux2-server: {exc.message}", file=sys.stderr)
+            return 2
+        loras = tuple(
+            replace(lora, file=str(local.file), sha256=local.sha256)
+            for lora, local in zip(params.loras, fetched, strict=True)
+        )
+        params = replace(params, loras=loras)
+    generator, ready = load_generator(settings.worker_config(registry))
+    print(f"model {ready.model} on {ready.device}, seed {params.seed}", file=sys.stderr)
+    with tqdm(total=params.num_inference_steps, unit="step", desc="generating") as bar:
+        try:
+            result = generator.generate(
+                "cli", params, lambda step, total: bar.update(step - bar.n), lambda: False
+            )
+        except PipelineError as exc:
+            print(f"\nflux2-server: {exc.message}", file=sys.stderr)
+            return 2
+    outputs = _output_paths(output, len(result.images))
+    for path, image in zip(outputs, result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.data)
+        print(path)
+    return 0
+
+
+async def _fetch(paths: list[str], settings: Settings) -> list[Any]:
+    fetcher = LoraFetcher(settings.lora_policy())
+    try:
+        return await fetcher.fetch_all(paths)
+    finally:
+        await fetcher.aclose()
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+def download(settings: Settings, registry: Registry, model_name: str) -> int:
+    """Fetch (or resume fetching) a model's weights into the Hugging Face cache; build the tiny one."""
+    spec = registry.get(model_name)
+    if isinstance(spec, TinyModel):
+        from pipeline.tiny import ensure_tiny_pipeline
+
+        print(ensure_tiny_pipeline(settings.cache_dir / "tiny", seed=spec.seed))
+        return 0
+    return _download_hub(spec)
+
+
+def _download_hub(spec: HubModel) -> int:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    if spec.local_dir is not None:
+        print(
+            f"flux2-server: model {spec.name!r} is read from {spec.local_dir}; nothing to download",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        # Files already in the cache are skipped and partial ones resumed: running it again is cheap.
+        folder = snapshot_download(spec.repo_id, revision=spec.revision)
+    except LocalEntryNotFoundError as exc:
+        print(
+            f"flux2-server: {spec.repo_id} is not cached and the Hub is offline or unreachable: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    except HfHubHTTPError as exc:
+        gated = "FLUX.2 [dev] is gated: accept its licence on Hugging Face and set HF_TOKEN"
+        print(f"flux2-server: downloading {spec.repo_id} failed: {exc} ({gated})", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0

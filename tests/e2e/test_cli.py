@@ -1,0 +1,95 @@
+"""`flux2-server generate` and `download`: one-shot local use of the server's own code."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.oneshot import parse_lora
+from tests.live import ROOT, LiveServer
+from tests.loras import linear_shapes, write_lora
+
+
+def cli(*args: str, cache_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "server.cli", *args]
+    environment = {**os.environ, "FLUX2_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("owner/repo", {"path": "owner/repo"}),
+        ("style.safetensors:0.6", {"path": "style.safetensors", "scale": 0.6}),
+        ("https://host/x.safetensors", {"path": "https://host/x.safetensors"}),
+        ("https://host:8080/x.safetensors:2", {"path": "https://host:8080/x.safetensors", "scale": 2.0}),
+    ],
+)
+def test_parse_lora(text: str, parsed: dict[str, object]) -> None:
+    assert parse_lora(text) == parsed
+
+
+def test_generate_equals_the_servers_image(tmp_path: Path, cache_dir: Path, live_server: LiveServer) -> None:
+    out = tmp_path / "fox.png"
+    run = cli("generate", "a red fox", "--size", "528x512", "--steps", "5", "--seed", "3", "-o", str(out),
+              "--model", "tiny", cache_dir=cache_dir)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out)
+    assert "5/5" in run.stderr  # the progress bar ran to the end
+    body = {
+        "prompt": "a red fox",
+        "image_size": {"width": 528, "height": 512},
+        "num_inference_steps": 5,
+        "seed": 3,
+    }
+    served = httpx.post(f"{live_server.url}/fal-ai/flux-2/lora", json=body, timeout=60).json()
+    server_pixels = np.asarray(Image.open(io.BytesIO(httpx.get(served["images"][0]["url"]).content)))
+    assert np.array_equal(np.asarray(Image.open(out)), server_pixels)
+
+
+def test_generate_with_a_lora_and_several_images(tmp_path: Path, cache_dir: Path) -> None:
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+
+    from pipeline.tiny import ensure_tiny_pipeline
+
+    shapes = linear_shapes(
+        Flux2Transformer2DModel.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny") / "transformer")
+    )
+    write_lora(tmp_path / "loras" / "mine.safetensors", shapes, list(shapes)[:4], rank=2, seed=1)
+    options = ["--size", "square", "--steps", "4", "--num-images", "2", "-o", str(tmp_path / "x.jpg")]
+    lora = ["--lora-folder", str(tmp_path / "loras"), "--lora", "mine.safetensors:0.5"]
+    run = cli("generate", "p", "--model", "tiny", *options, *lora, cache_dir=cache_dir)
+    assert run.returncode == 0, run.stderr
+    outputs = [tmp_path / "x-0.jpg", tmp_path / "x-1.jpg"]
+    assert run.stdout.split() == [str(path) for path in outputs]
+    assert all(Image.open(path).format == "JPEG" for path in outputs)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--steps", "99"), "num_inference_steps: Input should be less than or equal to 50"),
+        (("--lora", "/etc/x.ckpt"), "pickle"),
+    ],
+)
+def test_generate_refuses_bad_input(cache_dir: Path, args: tuple[str, ...], message: str) -> None:
+    run = cli("generate", "p", "--model", "tiny", *args, cache_dir=cache_dir)
+    assert run.returncode == 2
+    assert message in run.stderr
+
+
+def test_download(cache_dir: Path) -> None:
+    tiny = cli("download", "--model", "tiny", cache_dir=cache_dir)
+    assert tiny.returncode == 0, tiny.stderr
+    assert (Path(tiny.stdout.strip()) / "model_index.json").is_file()
+    offline = cli("download", cache_dir=cache_dir, HF_HOME=str(cache_dir / "empty-hf-home"))
+    assert offline.returncode == 1
+    assert "black-forest-labs/FLUX.2-dev is not cached" in offline.stderr
