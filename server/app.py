@@ -15,7 +15,7 @@ from server.config import Settings
 from server.errors import FalHTTPError, handle_fal_error
 from server.files import FileStore
 from server.metrics import Metrics
-from server.middleware import FalRoutingMiddleware
+from server.middleware import FalRoutingMiddleware, SizeLimitMiddleware
 from server.outputs import OutputBuilder
 from server.routes import ops, playground, queue, run
 from server.scheduler import Scheduler, Worker
@@ -33,7 +33,7 @@ def create_app(
     files = FileStore(settings.files_dir)
     fetcher = LoraFetcher(settings.lora_policy())
     metrics = Metrics(fetcher)
-    scheduler = Scheduler(OutputBuilder(files), fetcher, metrics)
+    scheduler = Scheduler(OutputBuilder(files), fetcher, metrics, run_timeout=settings.run_timeout_seconds)
 
     def spawn_worker(scheduler: Scheduler) -> Worker:
         return WorkerProcess(settings.worker_config(registry), scheduler.listener)
@@ -59,6 +59,9 @@ def create_app(
     app.state.metrics = metrics
     app.state.model_name = settings.model or "auto"
     app.add_exception_handler(FalHTTPError, handle_fal_error)
+    app.add_middleware(
+        SizeLimitMiddleware, max_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes
+    )
     app.add_middleware(FalRoutingMiddleware)
     for module in (run, queue, ops, playground):
         app.include_router(module.router)

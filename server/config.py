@@ -43,6 +43,11 @@ class Settings:
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
+    # Limits
+    max_queue: int = 1000  # requests waiting (queued or fetching LoRAs); more are answered 429
+    run_timeout_seconds: float = 600.0  # a generation running longer is stopped (504 generation_timeout)
+    max_body_bytes: int = 1024**2  # request bodies (413 above)
+    max_header_bytes: int = 16 * 1024  # request target and headers (431 above)
     compile: bool = False  # torch.compile the transformer's blocks (acceleration presets will replace this)
 
     @classmethod

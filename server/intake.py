@@ -8,8 +8,9 @@ import uuid
 from fastapi import Request
 from pydantic import ValidationError
 
-from server.errors import invalid_body, not_json_body
+from server.errors import FalHTTPError, invalid_body, not_json_body
 from server.jobs import JobRecord, Priority
+from server.scheduler import Scheduler
 from server.schemas import APPS
 
 _PRIORITIES = {"normal": Priority.NORMAL, "low": Priority.LOW}
@@ -21,6 +22,33 @@ def base_url(request: Request) -> str:
     return (public or str(request.base_url)).rstrip("/") + "/"
 
 
+def refuse_when_full(request: Request, scheduler: Scheduler) -> None:
+    """429 when the queue is longer than the server allows, or than the client's `fal_max_queue_length`."""
+    limit: int = request.app.state.settings.max_queue
+    asked = request.query_params.get("fal_max_queue_length")
+    if asked is not None:
+        if not asked.isdigit():
+            raise FalHTTPError(400, {"detail": f"fal_max_queue_length must be a whole number, not {asked!r}"})
+        limit = min(limit, int(asked))
+    if scheduler.waiting >= limit:
+        raise FalHTTPError(429, {"detail": f"The queue is full ({scheduler.waiting} requests waiting)"})
+
+
+def _start_timeout(request: Request) -> float | None:
+    raw = request.headers.get("x-fal-request-timeout")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise FalHTTPError(
+            400, {"detail": f"X-Fal-Request-Timeout must be a positive number of seconds: {raw!r}"}
+        )
+    return seconds
+
+
 async def new_record(app_id: str, request: Request) -> JobRecord:
     """A record for the request; one whose body fails validation is born with its 422 outcome."""
     record = JobRecord(
@@ -29,6 +57,7 @@ async def new_record(app_id: str, request: Request) -> JobRecord:
         request_input={},
         base_url=base_url(request),
         priority=_PRIORITIES.get(request.headers.get("x-fal-queue-priority", "").lower(), Priority.NORMAL),
+        start_timeout=_start_timeout(request),
     )
     try:
         body = json.loads(await request.body())

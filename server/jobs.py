@@ -71,6 +71,8 @@ class JobRecord:
     logs: list[LogEntry] = field(default_factory=list)
     outcome: Outcome | None = None
     fetched_loras: list[LocalLora] = field(default_factory=list)  # pinned in the LoRA cache until done
+    start_timeout: float | None = None  # X-Fal-Request-Timeout: seconds it may wait before starting
+    timed_out: bool = False  # stopped for running past the run timeout
     version: int = 0  # bumped on every change, so watchers can tell what they have seen
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 

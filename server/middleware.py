@@ -53,6 +53,50 @@ class FalRoutingMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class SizeLimitMiddleware:
+    """431 for oversized headers; 413 for a body over `max_bytes`, declared or counted as it streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        header_bytes += sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            detail = {"detail": f"Request headers larger than {self.max_header_bytes} bytes"}
+            await _answer(send, 431, detail, str(uuid.uuid4()))
+            return
+        declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        too_large = {"detail": f"Request body larger than {self.max_bytes} bytes"}
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _answer(send, 413, too_large, str(uuid.uuid4()))
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge:
+            await _answer(send, 413, too_large, str(uuid.uuid4()))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
 def _retarget(scope: dict[str, Any]) -> str | None:
     """Point the scope at the URL the proxied client meant to call; an error message if we cannot."""
     target = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == TARGET_HEADER), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
 from typing import Protocol
@@ -58,11 +59,17 @@ class CancelResult(StrEnum):
 
 class Scheduler:
     def __init__(
-        self, outputs: OutputBuilder, loras: LoraFetcher, metrics: Metrics, max_restarts: int = 3
+        self,
+        outputs: OutputBuilder,
+        loras: LoraFetcher,
+        metrics: Metrics,
+        run_timeout: float | None = None,
+        max_restarts: int = 3,
     ) -> None:
         self.outputs = outputs
         self.loras = loras
         self.metrics = metrics
+        self.run_timeout = run_timeout
         metrics.track_queue_depth(lambda: self.queue_depth)
         self.jobs: dict[str, JobRecord] = {}
         self.state = WorkerState.STOPPED
@@ -109,6 +116,8 @@ class Scheduler:
             self._close(record, self._unavailable())
             return
         assert record.params is not None
+        if record.start_timeout is not None:
+            self._call_later(record.start_timeout, self._start_expired, record)
         if record.params.loras:  # fetched here, off the GPU's path; queued once the files are local
             self._fetching[record.request_id] = asyncio.create_task(self._fetch_loras(record))
             return
@@ -156,6 +165,39 @@ class Scheduler:
     def queue_depth(self) -> int:
         return sum(len(q) for q in self._pending.values())
 
+    @property
+    def waiting(self) -> int:
+        """Accepted and not started: queued, or still fetching LoRAs."""
+        return self.queue_depth + len(self._fetching)
+
+    def _call_later(self, delay: float, callback: Callable[[JobRecord], None], record: JobRecord) -> None:
+        assert self._loop is not None, "the scheduler is not started"
+        self._loop.call_later(delay, callback, record)
+
+    def _withdraw(self, record: JobRecord) -> None:
+        """Take a request that has not started out of the fetch stage or its queue."""
+        fetching = self._fetching.pop(record.request_id, None)
+        if fetching is not None:
+            fetching.cancel()
+        else:
+            self._pending[record.priority].remove(record)
+
+    def _start_expired(self, record: JobRecord) -> None:
+        if record.status is JobStatus.IN_QUEUE:
+            self._withdraw(record)
+            outcome = request_error(
+                504, f"Request did not start within {record.start_timeout:g} s", "request_timeout"
+            )
+            self._close(
+                record, replace(outcome, headers={**outcome.headers, "X-Fal-Request-Timeout-Type": "user"})
+            )
+
+    def _run_expired(self, record: JobRecord) -> None:
+        if self._running is record and self._worker is not None:
+            record.timed_out = True
+            record.log(f"stopping: ran longer than {self.run_timeout:g} s", level="ERROR")
+            self._worker.cancel(record.request_id)
+
     def cancel(self, request_id: str) -> CancelResult:
         record = self.jobs.get(request_id)
         if record is None:
@@ -163,11 +205,7 @@ class Scheduler:
         if record.done:
             return CancelResult.ALREADY_COMPLETED
         if record.status is JobStatus.IN_QUEUE:
-            fetching = self._fetching.pop(request_id, None)
-            if fetching is not None:
-                fetching.cancel()
-            else:
-                self._pending[record.priority].remove(record)
+            self._withdraw(record)
             cancelled = JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled")
             self._close(record, failure_outcome(cancelled, {}))
         elif self._worker is not None:
@@ -190,6 +228,8 @@ class Scheduler:
         self._running = record
         record.move_to(JobStatus.IN_PROGRESS)
         self.metrics.started(record)
+        if self.run_timeout is not None:
+            self._call_later(self.run_timeout, self._run_expired, record)
         log.info("started", extra={"request_id": record.request_id})
         self._worker.submit(Job(record.request_id, record.params))
 
@@ -213,6 +253,11 @@ class Scheduler:
             running.log(f"step {message.step}/{message.total}")
         elif isinstance(message, JobSucceeded):
             self._finish(running, self.outputs.build(running, message), message.inference_seconds)
+        elif isinstance(message, JobFailed) and running.timed_out and message.kind is FailureKind.CANCELLED:
+            timeout = request_error(
+                504, f"Generation ran longer than {self.run_timeout:g} s", "generation_timeout"
+            )
+            self._finish(running, timeout, message.inference_seconds)
         elif isinstance(message, JobFailed):
             self._finish(running, failure_outcome(message, running.request_input), message.inference_seconds)
         self._dispatch()

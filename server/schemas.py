@@ -24,6 +24,7 @@ PRESET_SIZES: dict[str, tuple[int, int]] = {  # name -> (width, height), as fal'
 
 SIZE_MULTIPLE = 16  # FLUX.2 latents are 8x downsampled, then patchified 2x2
 MAX_SEED = 2**64 - 1
+MAX_PROMPT_CHARS = 20_000  # FLUX.2 reads 512 tokens; far longer prompts are abuse, not art
 
 
 class ImageSize(BaseModel):
@@ -41,7 +42,7 @@ class Flux2Input(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     guidance_scale: float = Field(default=2.5, ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random (and reported) if absent.")
     num_inference_steps: int = Field(default=28, ge=4, le=50)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.errors import FalHTTPError, outcome_response
-from server.intake import new_record
+from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord, JobStatus
 from server.middleware import REQUEST_ID_STATE
 from server.openapi import body_schema
@@ -72,9 +72,10 @@ def _wants_logs(request: Request) -> bool:
 
 def _add_submit_route(app_id: str) -> None:
     async def submit(request: Request) -> JSONResponse:
+        scheduler = _scheduler(request)
+        refuse_when_full(request, scheduler)
         record = await new_record(app_id, request)
         setattr(request.state, REQUEST_ID_STATE, record.request_id)
-        scheduler = _scheduler(request)
         scheduler.accept(record)
         body = {**status_body(scheduler, record, with_logs=False), "status": JobStatus.IN_QUEUE.value}
         body["queue_position"] = body["queue_position"] or 0

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.errors import outcome_response
-from server.intake import new_record
+from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord
 from server.middleware import REQUEST_ID_STATE
 from server.openapi import body_schema
@@ -31,6 +31,7 @@ async def _wait_or_cancel(scheduler: Scheduler, record: JobRecord, request: Requ
 def _add_route(app_id: str) -> None:
     async def run(request: Request) -> JSONResponse:
         scheduler: Scheduler = request.app.state.scheduler
+        refuse_when_full(request, scheduler)
         record = await new_record(app_id, request)
         setattr(request.state, REQUEST_ID_STATE, record.request_id)
         scheduler.accept(record)

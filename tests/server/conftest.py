@@ -21,7 +21,7 @@ class Harness:
         self.worker = worker
 
 
-def _harness(tmp_path: Path, hold: bool) -> Iterator[Harness]:
+def _harness(tmp_path: Path, hold: bool, **overrides: object) -> Iterator[Harness]:
     workers: list[StandInWorker] = []
 
     def factory(scheduler: Scheduler) -> StandInWorker:
@@ -29,7 +29,7 @@ def _harness(tmp_path: Path, hold: bool) -> Iterator[Harness]:
         return workers[-1]
 
     settings = Settings.load(
-        env={}, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", sse_ping_seconds=0.2
+        env={}, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", sse_ping_seconds=0.2, **overrides
     )
     app = create_app(settings, load_registry(ROOT / "models.yaml"), worker_factory=factory)
     with TestClient(app, base_url="http://testserver") as client:
