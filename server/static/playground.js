@@ -266,7 +266,8 @@ async function fetchResult(run, completed) {
   const { text, body } = await readBody(response);
   if (response.ok && body && typeof body === "object") {
     showResult(body, text, run.submit.request_id);
-    return finish(`Done: ${(body.images || []).length} image(s).`);
+    const count = (body.images || []).length;
+    return finish(`Done: ${count} image${count === 1 ? "" : "s"}.`);
   }
   const errorType = (body && body.error_type) || completed.error_type;
   if (errorType === "request_cancelled") return finish("Cancelled.");
