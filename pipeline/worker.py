@@ -7,6 +7,8 @@ process target, and must stay light and CUDA-free.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import queue
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from pipeline.generation import ImageGenerator
 
 log = logging.getLogger(__name__)
+
+_PARENT_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -145,8 +149,16 @@ def run_worker(
         return
     log.info("model %r ready on %s in %.1f s", ready.model, ready.device, ready.load_seconds)
     outbox.put(ready)
+    parent = multiprocessing.parent_process()
     while True:
-        message = inbox.get()
+        try:
+            message = inbox.get(timeout=_PARENT_CHECK_SECONDS)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():  # the server was killed: do not linger
+                log.error("the server process is gone; the worker exits")
+                outbox.cancel_join_thread()  # nobody will read what is still buffered: do not wait on it
+                return
+            continue
         if isinstance(message, Shutdown):
             return
         outbox.put(JobStarted(message.request_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,11 +20,22 @@ from server.middleware import FalRoutingMiddleware, SizeLimitMiddleware
 from server.outputs import OutputBuilder
 from server.routes import ops, playground, queue, run
 from server.scheduler import Scheduler, Worker
+from server.store import SqliteJobStore
 from server.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
 WorkerFactory = Callable[[Scheduler], Worker]
+
+
+async def _clean_up(scheduler: Scheduler, files: FileStore, ttl: float) -> None:
+    """Forget completed requests older than `ttl`, and delete their images, every so often."""
+    while True:
+        for record in scheduler.prune(ttl):
+            images = record.outcome.body.get("images", []) if record.outcome and record.outcome.ok else []
+            for image in images:
+                files.delete(image["file_name"])
+        await asyncio.sleep(min(60.0, max(ttl / 10, 0.05)))
 
 
 def create_app(
@@ -33,7 +45,10 @@ def create_app(
     files = FileStore(settings.files_dir)
     fetcher = LoraFetcher(settings.lora_policy())
     metrics = Metrics(fetcher)
-    scheduler = Scheduler(OutputBuilder(files), fetcher, metrics, run_timeout=settings.run_timeout_seconds)
+    store = SqliteJobStore(settings.job_store_path)
+    scheduler = Scheduler(
+        OutputBuilder(files), fetcher, metrics, run_timeout=settings.run_timeout_seconds, store=store
+    )
 
     def spawn_worker(scheduler: Scheduler) -> Worker:
         return WorkerProcess(settings.worker_config(registry), scheduler.listener)
@@ -41,11 +56,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         scheduler.start((worker_factory or spawn_worker)(scheduler))
+        scheduler.recover()
+        cleaner = asyncio.create_task(_clean_up(scheduler, files, settings.result_ttl_seconds))
         try:
             yield
         finally:
+            cleaner.cancel()
             scheduler.stop()
             await fetcher.aclose()
+            store.close()
 
     app = FastAPI(
         title="flux2-lora-server",

@@ -43,6 +43,7 @@ class Settings:
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
+    result_ttl_seconds: float = 7 * 24 * 3600.0  # completed requests and their files are kept this long
     # Limits
     max_queue: int = 1000  # requests waiting (queued or fetching LoRAs); more are answered 429
     run_timeout_seconds: float = 600.0  # a generation running longer is stopped (504 generation_timeout)
@@ -65,6 +66,10 @@ class Settings:
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def job_store_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite"
 
     @property
     def tls_host_names(self) -> tuple[str, ...]:

@@ -33,6 +33,11 @@ class FileStore:
         path = self.root / name
         return path if path.is_file() else None
 
+    def delete(self, name: str) -> None:
+        path = self.path(name)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
     @staticmethod
     def url(base_url: str, name: str) -> str:
         return f"{base_url.rstrip('/')}/files/{name}"

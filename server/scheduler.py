@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,6 +31,7 @@ from server.errors import Outcome, failure_outcome, input_error, request_error, 
 from server.jobs import JobRecord, JobStatus, Priority
 from server.metrics import Metrics
 from server.outputs import OutputBuilder
+from server.store import JobStore
 from server.worker_process import Listener, WorkerExited
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,14 @@ class Scheduler:
         loras: LoraFetcher,
         metrics: Metrics,
         run_timeout: float | None = None,
+        store: JobStore | None = None,
         max_restarts: int = 3,
     ) -> None:
         self.outputs = outputs
         self.loras = loras
         self.metrics = metrics
         self.run_timeout = run_timeout
+        self.store = store
         metrics.track_queue_depth(lambda: self.queue_depth)
         self.jobs: dict[str, JobRecord] = {}
         self.state = WorkerState.STOPPED
@@ -110,8 +114,53 @@ class Scheduler:
         log.info("accepted for %s", record.app_id, extra={"request_id": record.request_id})
         if record.outcome is not None:  # refused at validation: completed on arrival, as fal does
             record.move_to(JobStatus.COMPLETED)
+            self._persist(record)
             self.metrics.completed(record, record.outcome)
             return
+        self._persist(record)
+        self._admit(record)
+
+    def recover(self) -> int:
+        """Take back every request the store holds: finished ones stay readable, unfinished ones run
+        (again, from the start: an interrupted generation cannot be resumed). Returns how many will run."""
+        if self.store is None:
+            return 0
+        pending = 0
+        for record in self.store.load_all():
+            self.jobs[record.request_id] = record
+            if record.done:
+                continue
+            pending += 1
+            assert record.params is not None
+            loras = tuple(replace(lora, file="", sha256="") for lora in record.params.loras)  # fetched anew
+            record.params = replace(record.params, loras=loras)
+            record.status, record.started_at = JobStatus.IN_QUEUE, None
+            record.log("requeued after a server restart", level="WARN")
+            if record.start_timeout is not None:  # its start deadline keeps counting from acceptance
+                record.start_timeout = max(0.0, record.created_at + record.start_timeout - time.time())
+            self._admit(record)
+        if pending:
+            log.warning("recovered %d unfinished requests from the job store", pending)
+        return pending
+
+    def prune(self, max_age_seconds: float) -> list[JobRecord]:
+        """Forget requests completed more than `max_age_seconds` ago; returns them (their files go too)."""
+        cutoff = time.time() - max_age_seconds
+        gone = [
+            r for r in self.jobs.values() if r.done and r.finished_at is not None and r.finished_at < cutoff
+        ]
+        for record in gone:
+            del self.jobs[record.request_id]
+        if self.store is not None:
+            self.store.delete_finished_before(cutoff)
+        return gone
+
+    def _persist(self, record: JobRecord) -> None:
+        if record.durable and self.store is not None:
+            self.store.save(record)
+
+    def _admit(self, record: JobRecord) -> None:
+        """Start the way to the worker for an accepted, valid request."""
         if self.state is WorkerState.FAILED:
             self._close(record, self._unavailable())
             return
@@ -227,6 +276,7 @@ class Scheduler:
         assert record.params is not None
         self._running = record
         record.move_to(JobStatus.IN_PROGRESS)
+        self._persist(record)
         self.metrics.started(record)
         if self.run_timeout is not None:
             self._call_later(self.run_timeout, self._run_expired, record)
@@ -274,6 +324,7 @@ class Scheduler:
             self.loras.release(record.fetched_loras)
             record.fetched_loras = []
         record.complete(outcome, inference_seconds)
+        self._persist(record)
         self.metrics.completed(record, outcome)
         result = "ok" if outcome.ok else f"{outcome.status_code} {outcome.error_type}: {outcome.error}"
         log.info("completed: %s", result, extra={"request_id": record.request_id})

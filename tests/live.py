@@ -30,9 +30,14 @@ class LiveServer:
     """`flux2-server serve` in a subprocess, as a user starts it."""
 
     def __init__(
-        self, data_dir: Path, *args: str, env: dict[str, str] | None = None, tls: bool = False
+        self,
+        data_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        tls: bool = False,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.data_dir = data_dir
         # With --tls the certificate names localhost (and 127.0.0.1); our own polls trust the server's CA.
         self.url = f"https://localhost:{self.port}" if tls else f"http://127.0.0.1:{self.port}"
@@ -85,6 +90,12 @@ class LiveServer:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not in the awaited state after {timeout} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """`kill -9`: no shutdown code runs (the worker notices its parent is gone and exits)."""
+        self.process.kill()
+        self.process.wait()
+        self._log.close()
 
     def stop(self) -> None:
         self.process.terminate()

@@ -75,6 +75,7 @@ def _add_submit_route(app_id: str) -> None:
         scheduler = _scheduler(request)
         refuse_when_full(request, scheduler)
         record = await new_record(app_id, request)
+        record.durable = True  # kept in the job store: it must survive a restart
         setattr(request.state, REQUEST_ID_STATE, record.request_id)
         scheduler.accept(record)
         body = {**status_body(scheduler, record, with_logs=False), "status": JobStatus.IN_QUEUE.value}
