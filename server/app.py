@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from pipeline.lora_sources import LoraFetcher
 from pipeline.models import Registry
 from server import openapi
+from server.auth import KeyRing
 from server.config import Settings
 from server.errors import FalHTTPError, handle_fal_error
 from server.files import FileStore
@@ -75,6 +76,7 @@ def create_app(
     app.state.settings = settings
     app.state.scheduler = scheduler
     app.state.files = files
+    app.state.keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
     app.state.model_name = settings.model or "auto"
     app.add_exception_handler(FalHTTPError, handle_fal_error)

@@ -8,6 +8,7 @@ import uuid
 from fastapi import Request
 from pydantic import ValidationError
 
+from server.auth import request_owner
 from server.errors import FalHTTPError, invalid_body, not_json_body
 from server.jobs import JobRecord, Priority
 from server.scheduler import Scheduler
@@ -58,6 +59,7 @@ async def new_record(app_id: str, request: Request) -> JobRecord:
         base_url=base_url(request),
         priority=_PRIORITIES.get(request.headers.get("x-fal-queue-priority", "").lower(), Priority.NORMAL),
         start_timeout=_start_timeout(request),
+        owner=request_owner(request),
     )
     try:
         body = json.loads(await request.body())

@@ -84,6 +84,7 @@ class Scheduler:
         self._pending: dict[Priority, deque[JobRecord]] = {p: deque() for p in Priority}
         self._running: JobRecord | None = None
         self._fetching: dict[str, asyncio.Task[None]] = {}
+        self.file_owners: dict[str, str | None] = {}  # served file name -> owner of its request
         self._worker: Worker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -129,6 +130,7 @@ class Scheduler:
         for record in self.store.load_all():
             self.jobs[record.request_id] = record
             if record.done:
+                self._index_files(record)
                 continue
             pending += 1
             assert record.params is not None
@@ -151,9 +153,15 @@ class Scheduler:
         ]
         for record in gone:
             del self.jobs[record.request_id]
+            for name in _file_names(record):
+                self.file_owners.pop(name, None)
         if self.store is not None:
             self.store.delete_finished_before(cutoff)
         return gone
+
+    def _index_files(self, record: JobRecord) -> None:
+        for name in _file_names(record):
+            self.file_owners[name] = record.owner
 
     def _persist(self, record: JobRecord) -> None:
         if record.durable and self.store is not None:
@@ -324,6 +332,7 @@ class Scheduler:
             self.loras.release(record.fetched_loras)
             record.fetched_loras = []
         record.complete(outcome, inference_seconds)
+        self._index_files(record)
         self._persist(record)
         self.metrics.completed(record, outcome)
         result = "ok" if outcome.ok else f"{outcome.status_code} {outcome.error_type}: {outcome.error}"
@@ -352,3 +361,10 @@ class Scheduler:
 
     def _unavailable(self) -> Outcome:
         return request_error(503, f"the model is unavailable: {self.failure}", "runner_scheduling_failure")
+
+
+def _file_names(record: JobRecord) -> list[str]:
+    """The stored image files of a completed request (none for errors and `sync_mode` data URIs)."""
+    if record.outcome is None or not record.outcome.ok or record.sync_mode:
+        return []
+    return [image["file_name"] for image in record.outcome.body.get("images", [])]

@@ -42,14 +42,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     inference_seconds REAL,
     logs TEXT NOT NULL,
-    outcome TEXT
+    outcome TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
 """
 
 _COLUMNS = (
     "request_id, app_id, request_input, base_url, params, priority, start_timeout, status, created_at,"
-    " started_at, finished_at, inference_seconds, logs, outcome"
+    " started_at, finished_at, inference_seconds, logs, outcome, owner"
 )
 
 
@@ -64,7 +65,7 @@ class SqliteJobStore:
 
     def save(self, record: JobRecord) -> None:
         self._db.execute(
-            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", _row(record)
+            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", _row(record)
         )
 
     def load_all(self) -> list[JobRecord]:
@@ -98,12 +99,13 @@ def _row(record: JobRecord) -> tuple[Any, ...]:
         record.inference_seconds,
         json.dumps([entry.to_json() for entry in record.logs]),
         json.dumps(dataclasses.asdict(outcome)) if outcome else None,
+        record.owner,
     )
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
     (request_id, app_id, request_input, base_url, params, priority, start_timeout, status, created_at,
-     started_at, finished_at, inference_seconds, logs, outcome) = row  # fmt: skip
+     started_at, finished_at, inference_seconds, logs, outcome, owner) = row  # fmt: skip
     record = JobRecord(
         request_id=request_id,
         app_id=app_id,
@@ -119,6 +121,7 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         logs=[LogEntry(**entry) for entry in json.loads(logs)],
         outcome=Outcome(**json.loads(outcome)) if outcome else None,
         start_timeout=start_timeout,
+        owner=owner,
         durable=True,
     )
     record.sync_mode = bool(record.request_input.get("sync_mode", False))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.auth import request_owner, require_key
 from server.errors import FalHTTPError
 from server.files import FileStore
 from server.scheduler import Scheduler, WorkerState
@@ -41,10 +42,11 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/files/{name}", summary="A generated image")
+@router.get("/files/{name}", summary="A generated image", dependencies=[Depends(require_key)])
 async def file(request: Request, name: str) -> FileResponse:
     files: FileStore = request.app.state.files
+    scheduler: Scheduler = request.app.state.scheduler
     path = files.path(name)
-    if path is None:
+    if path is None or scheduler.file_owners.get(name) != request_owner(request):
         raise FalHTTPError(404, {"detail": "File not found"})
     return FileResponse(path)

@@ -10,9 +10,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.auth import request_owner, require_key
 from server.errors import FalHTTPError, outcome_response
 from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord, JobStatus
@@ -21,7 +22,7 @@ from server.openapi import body_schema
 from server.scheduler import CancelResult, Scheduler
 from server.schemas import APPS
 
-router = APIRouter(prefix="/queue", tags=["queue"])
+router = APIRouter(prefix="/queue", tags=["queue"], dependencies=[Depends(require_key)])
 
 _TRUE = {"1", "true", "yes", "on"}
 _REQUEST = "/{owner}/{alias}/requests/{request_id}"
@@ -42,9 +43,22 @@ def _scheduler(request: Request) -> Scheduler:
 def _find(request: Request, owner: str, alias: str, request_id: str) -> JobRecord:
     """The record, or a 404; the app in the URL must be the one the request was submitted to."""
     setattr(request.state, REQUEST_ID_STATE, request_id)
-    record = _scheduler(request).jobs.get(request_id)
-    if record is None or record.app_id.split("/")[:2] != [owner, alias]:
+    record = _visible(request, owner, alias, request_id)
+    if record is None:
         raise FalHTTPError(404, {"detail": f"Request {request_id!r} not found"})
+    return record
+
+
+def _visible(request: Request, owner: str, alias: str, request_id: str) -> JobRecord | None:
+    """The record if it exists for this app and belongs to the caller's key (404 otherwise: never 403,
+    which would confirm that someone else's request id exists)."""
+    record = _scheduler(request).jobs.get(request_id)
+    if (
+        record is None
+        or record.app_id.split("/")[:2] != [owner, alias]
+        or record.owner != request_owner(request)
+    ):
+        return None
     return record
 
 
@@ -153,5 +167,7 @@ _CANCEL_CODES = {
 @router.put(_REQUEST + "/cancel", summary="Cancel a request: 202, or 400 when already completed")
 async def cancel(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
     setattr(request.state, REQUEST_ID_STATE, request_id)
+    if _visible(request, owner, alias, request_id) is None:
+        return JSONResponse({"status": CancelResult.NOT_FOUND.value}, status_code=404)
     outcome = _scheduler(request).cancel(request_id)
     return JSONResponse({"status": outcome.value}, status_code=_CANCEL_CODES[outcome])

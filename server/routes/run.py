@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from server.auth import require_key
 from server.errors import outcome_response
 from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord
@@ -13,7 +14,7 @@ from server.openapi import body_schema
 from server.scheduler import Scheduler
 from server.schemas import APPS, Flux2Output
 
-router = APIRouter(tags=["sync"])
+router = APIRouter(tags=["sync"], dependencies=[Depends(require_key)])
 
 _DISCONNECT_POLL_SECONDS = 0.5
 
