@@ -16,6 +16,7 @@ from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
 from pipeline.messages import GenerationParams, JobSucceeded, LoraRequest
+from pipeline.safety import SafetyChecker
 
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -49,10 +50,13 @@ def pipeline_kwargs(params: GenerationParams) -> dict[str, Any]:
 class ImageGenerator:
     """Owns the loaded pipeline and its LoRA slots; runs one request at a time."""
 
-    def __init__(self, pipe: Flux2Pipeline, slots: LoraSlots, lora_cache: LoraMemoryCache) -> None:
+    def __init__(
+        self, pipe: Flux2Pipeline, slots: LoraSlots, lora_cache: LoraMemoryCache, safety: SafetyChecker
+    ) -> None:
         self.pipe = pipe
         self.slots = slots
         self.lora_cache = lora_cache
+        self.safety = safety
         self.last_lora_switch_seconds = 0.0
 
     def check_supported(self, params: GenerationParams) -> None:
@@ -101,12 +105,16 @@ class ImageGenerator:
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.pipe(**pipeline_kwargs(params), callback_on_step_end=step_end)
-        images = [encode_image(image, params.output_format) for image in output.images]
+        images = list(output.images)
+        if params.enable_safety_checker:
+            images, flagged = self.safety.screen(images)
+        else:
+            flagged = [False] * len(images)
         return JobSucceeded(
             request_id=request_id,
-            images=tuple(images),
+            images=tuple(encode_image(image, params.output_format) for image in images),
             seed=params.seed,
             prompt=params.prompt,
-            has_nsfw_concepts=tuple(False for _ in images),
+            has_nsfw_concepts=tuple(flagged),
             inference_seconds=time.perf_counter() - started,
         )

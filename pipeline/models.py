@@ -12,12 +12,37 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 Device = Literal["auto", "cuda", "cpu"]
 
 
+class HubSafetyChecker(BaseModel):
+    """An image classifier with an `nsfw` label (FLUX.2's reference: Falconsai/nsfw_image_detection)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["hub"]
+    repo_id: str
+    revision: str = "main"
+    local_dir: Path | None = None
+    threshold: float = Field(default=0.85, ge=0.0, le=1.0)
+
+
+class TinySafetyChecker(BaseModel):
+    """A random-weight ViT classifier with the same labels, built offline, for tests."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["tiny"]
+    threshold: float = Field(default=0.85, ge=0.0, le=1.0)
+
+
+SafetyCheckerSpec = Annotated[HubSafetyChecker | TinySafetyChecker, Field(discriminator="source")]
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = ""  # filled from the registry key
     dtype: Dtype
     device: Device = "auto"
+    safety_checker: SafetyCheckerSpec
 
 
 class HubModel(_Spec):

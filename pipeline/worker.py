@@ -63,6 +63,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     from pipeline.loading import load_pipeline
     from pipeline.lora_cache import LoraMemoryCache
     from pipeline.lora_slots import LoraSlots
+    from pipeline.safety import SafetyChecker
 
     registry = config.registry
     spec = registry.get(config.model_name or registry.default_name(torch.cuda.is_available()))
@@ -71,6 +72,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     )
     started = time.perf_counter()
     pipe, device = load_pipeline(spec, config.cache_dir)
+    safety = SafetyChecker(spec.safety_checker, config.cache_dir, device)
     slots = LoraSlots(pipe.transformer, config.lora_slots, config.max_lora_rank)
     if config.compile:
         # Compiled lazily on the first call; slot swaps only change parameter data, so never again after.
@@ -81,7 +83,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         dtype=spec.dtype,
         load_seconds=time.perf_counter() - started,
     )
-    return ImageGenerator(pipe, slots, LoraMemoryCache(config.lora_memory_bytes)), ready
+    return ImageGenerator(pipe, slots, LoraMemoryCache(config.lora_memory_bytes), safety), ready
 
 
 def _run_job(

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.live import ROOT, LiveServer
 
@@ -32,12 +33,21 @@ def test_unknown_model(tmp_path: Path) -> None:
     assert "unknown model 'flux3'" in run.stderr
 
 
-def test_model_that_cannot_load(tmp_path: Path) -> None:
-    config = tmp_path / "models.yaml"
+@pytest.mark.parametrize("broken", ["model", "safety checker"])
+def test_model_or_checker_that_cannot_load(tmp_path: Path, cache_dir: Path, broken: str) -> None:
+    """Either way the server must not serve: never an image without a model, nor an unchecked one."""
     missing = tmp_path / "no-such-folder"
-    entry = f"source: hub\n    repo_id: x/y\n    local_dir: {missing}\n    dtype: float32\n"
-    config.write_text(f"models:\n  local:\n    {entry}")
-    server = LiveServer(tmp_path / "data", "--config", str(config), "--model", "local")
+    model = (
+        f"source: hub\n    repo_id: x/y\n    local_dir: {missing}" if broken == "model" else "source: tiny"
+    )
+    checker = (
+        f"{{source: hub, repo_id: x/y, local_dir: {missing}}}" if broken != "model" else "{source: tiny}"
+    )
+    config = tmp_path / "models.yaml"
+    config.write_text(f"models:\n  m:\n    {model}\n    dtype: float32\n    safety_checker: {checker}\n")
+    server = LiveServer(
+        tmp_path / "data", "--config", str(config), "--model", "m", env={"FLUX2_CACHE_DIR": str(cache_dir)}
+    )
     try:
         ready = server.wait_for_ready_state(lambda answer: answer.json()["state"] == "failed")
         assert ready.status_code == 503

@@ -17,6 +17,8 @@ from pipeline.generation import ImageGenerator
 from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_slots import LoraSlots
 from pipeline.messages import GenerationParams, LoraRequest
+from pipeline.models import TinySafetyChecker
+from pipeline.safety import SafetyChecker
 from pipeline.tiny import ensure_tiny_pipeline
 from tests.loras import linear_shapes, write_lora
 
@@ -29,7 +31,9 @@ PARAMS = GenerationParams(
 def generator(cache_dir: Path) -> ImageGenerator:
     pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    return ImageGenerator(pipe, LoraSlots(pipe.transformer, num_slots=3, max_rank=16), LoraMemoryCache(10**8))
+    safety = SafetyChecker(TinySafetyChecker(source="tiny"), cache_dir, torch.device("cpu"))
+    slots = LoraSlots(pipe.transformer, num_slots=3, max_rank=16)
+    return ImageGenerator(pipe, slots, LoraMemoryCache(10**8), safety)
 
 
 @pytest.fixture
@@ -104,3 +108,31 @@ def test_output_formats(generator: ImageGenerator, fmt: str, pil_format: str) ->
     result = generator.generate("r5", params, lambda step, total: None, lambda: False)
     assert [Image.open(io.BytesIO(image.data)).format for image in result.images] == [pil_format] * 2
     assert result.images[0].content_type == f"image/{fmt}"
+
+
+@pytest.mark.parametrize(("threshold", "flagged"), [(0.0, True), (1.0, False)])
+def test_safety_checker_blacks_out_flagged_images(
+    generator: ImageGenerator, monkeypatch: pytest.MonkeyPatch, threshold: float, flagged: bool
+) -> None:
+    monkeypatch.setattr(generator.safety, "threshold", threshold)  # 0: every score is above it
+    params = GenerationParams(**{**PARAMS.__dict__, "num_images": 2})
+    result = generator.generate("r7", params, lambda step, total: None, lambda: False)
+    assert result.has_nsfw_concepts == (flagged, flagged)
+    pixels = [Image.open(io.BytesIO(image.data)).convert("RGB") for image in result.images]
+    assert all(p.size == (512, 512) for p in pixels)
+    assert all((p.getextrema() == ((0, 0),) * 3) is flagged for p in pixels)
+
+
+def test_safety_checker_can_be_turned_off(generator: ImageGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generator.safety, "threshold", 0.0)
+    params = GenerationParams(**{**PARAMS.__dict__, "enable_safety_checker": False})
+    result = generator.generate("r8", params, lambda step, total: None, lambda: False)
+    assert result.has_nsfw_concepts == (False,)
+    assert Image.open(io.BytesIO(result.images[0].data)).convert("RGB").getextrema() != ((0, 0),) * 3
+
+
+def test_safety_checker_scores_are_probabilities(generator: ImageGenerator) -> None:
+    scores = generator.safety.scores(
+        [Image.new("RGB", (512, 512), (200, 30, 30)), Image.new("RGB", (64, 64))]
+    )
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)

@@ -9,6 +9,7 @@ import pytest
 from pipeline.models import ConfigError, HubModel, TinyModel, load_registry
 
 ROOT = Path(__file__).resolve().parents[2]
+CHECKER = "    safety_checker: {source: tiny}\n"
 
 
 def test_shipped_registry() -> None:
@@ -27,11 +28,26 @@ def test_shipped_registry() -> None:
 @pytest.mark.parametrize(
     ("text", "names"),
     [
-        ("models:\n  m:\n    source: hub\n    dtype: bfloat16\n", "models.m.hub.repo_id"),
-        ("models:\n  m:\n    source: tiny\n    dtype: float8\n", "models.m.tiny.dtype"),
-        ("models:\n  m:\n    source: tiny\n    dtype: float32\n    seed: many\n", "models.m.tiny.seed"),
+        ("models:\n  m:\n    source: hub\n    dtype: bfloat16\n" + CHECKER, "models.m.hub.repo_id"),
+        ("models:\n  m:\n    source: tiny\n    dtype: float8\n" + CHECKER, "models.m.tiny.dtype"),
+        (
+            "models:\n  m:\n    source: tiny\n    dtype: float32\n    seed: many\n" + CHECKER,
+            "models.m.tiny.seed",
+        ),
         ("models:\n  m:\n    source: ftp\n    dtype: float32\n", "models.m"),
-        ("models:\n  m:\n    source: tiny\n    dtype: float32\n    colour: red\n", "models.m.tiny.colour"),
+        (
+            "models:\n  m:\n    source: tiny\n    dtype: float32\n    colour: red\n" + CHECKER,
+            "models.m.tiny.colour",
+        ),
+        (
+            "models:\n  m:\n    source: tiny\n    dtype: float32\n",
+            "models.m.tiny.safety_checker: Field required",
+        ),
+        (
+            "models:\n  m:\n    source: tiny\n    dtype: float32\n"
+            "    safety_checker: {source: tiny, threshold: 2}",
+            "models.m.tiny.safety_checker.tiny.threshold",
+        ),
         ("modles: {}\n", "models: Field required"),
         ("", "top level: Input should be a valid dictionary"),
         ("models: [1, 2\n", "not valid YAML"),
