@@ -20,12 +20,6 @@ class InvalidInput(PipelineError):
     kind = FailureKind.INVALID_INPUT
 
 
-class Unsupported(PipelineError):
-    """A valid fal input this server cannot honour yet; refused rather than silently ignored."""
-
-    kind = FailureKind.UNSUPPORTED
-
-
 class Cancelled(PipelineError):
     """Raised from the step callback when the client cancelled the request in progress."""
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
-from pipeline.errors import Cancelled, InvalidInput, Unsupported
+from pipeline.errors import Cancelled, InvalidInput
 from pipeline.images import encode_image
 from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_formats import read_lora_file
@@ -21,6 +22,7 @@ from pipeline.safety import SafetyChecker
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
+EXPANSION_TEMPERATURE = 0.15  # diffusers' recommended caption-upsampling temperature for FLUX.2
 SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes any unsigned 64-bit seed
 
 
@@ -59,12 +61,17 @@ class ImageGenerator:
         self.safety = safety
         self.last_lora_switch_seconds = 0.0
 
-    def check_supported(self, params: GenerationParams) -> None:
-        if params.enable_prompt_expansion:
-            raise Unsupported(
-                "prompt expansion is not supported by this server version yet",
-                loc=("enable_prompt_expansion",),
-            )
+    def expand_prompt(self, prompt: str, seed: int) -> str:
+        """The prompt rewritten by the pipeline's own text encoder (FLUX.2's caption upsampling).
+
+        `generate` samples from torch's global generator, so it is seeded from the request, inside a forked
+        RNG state: the same request expands the same way, and nothing else's randomness moves.
+        """
+        devices = [self.pipe.text_encoder.device] if self.pipe.text_encoder.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(seed % 2**63)
+            expanded = self.pipe.upsample_prompt(prompt, temperature=EXPANSION_TEMPERATURE)[0].strip()
+        return expanded or prompt  # a model that says nothing leaves the prompt as it was
 
     def apply_loras(self, loras: tuple[LoraRequest, ...]) -> None:
         """Puts the request's LoRAs into the slots (and empties the others); a refusal changes no slot."""
@@ -89,8 +96,9 @@ class ImageGenerator:
     def generate(
         self, request_id: str, params: GenerationParams, on_step: StepCallback, cancelled: CancelCheck
     ) -> JobSucceeded:
-        self.check_supported(params)
         self.apply_loras(params.loras)
+        if params.enable_prompt_expansion:
+            params = replace(params, prompt=self.expand_prompt(params.prompt, params.seed))
         total = params.num_inference_steps
 
         def step_end(

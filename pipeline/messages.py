@@ -115,7 +115,6 @@ class FailureKind(StrEnum):
     """Why a job failed; the HTTP side maps each kind to a fal-shaped answer in one place."""
 
     INVALID_INPUT = "invalid_input"  # the request can never succeed as sent (a LoRA that does not fit ...)
-    UNSUPPORTED = "unsupported"  # a feature this server does not offer (yet)
     OUT_OF_MEMORY = "out_of_memory"
     CANCELLED = "cancelled"
     INTERNAL = "internal"

@@ -85,9 +85,8 @@ _REQUEST_ERRORS: dict[FailureKind, tuple[int, str]] = {
 
 
 def failure_outcome(failure: JobFailed, request_input: dict[str, Any]) -> Outcome:
-    if failure.kind in (FailureKind.INVALID_INPUT, FailureKind.UNSUPPORTED):
-        error_type = "unsupported_feature" if failure.kind is FailureKind.UNSUPPORTED else "value_error"
-        return input_error(failure.loc, failure.message, error_type, request_input)
+    if failure.kind is FailureKind.INVALID_INPUT:
+        return input_error(failure.loc, failure.message, "value_error", request_input)
     status_code, error_type = _REQUEST_ERRORS[failure.kind]
     return request_error(status_code, failure.message, error_type)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from diffusers import Flux2Pipeline
 from PIL import Image
 
-from pipeline.errors import Cancelled, InvalidInput, Unsupported
+from pipeline.errors import Cancelled, InvalidInput
 from pipeline.generation import ImageGenerator
 from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_slots import LoraSlots
@@ -70,11 +71,17 @@ def test_cancel_stops_at_the_next_step_without_decoding(
     assert decodes == [1]
 
 
-def test_prompt_expansion_is_refused(generator: ImageGenerator) -> None:
+def test_prompt_expansion_is_seeded_and_reported(generator: ImageGenerator) -> None:
     params = GenerationParams(**{**PARAMS.__dict__, "enable_prompt_expansion": True})
-    with pytest.raises(Unsupported) as raised:
-        generator.generate("r4", params, lambda step, total: None, lambda: False)
-    assert raised.value.loc == ("enable_prompt_expansion",)
+    first = generator.generate("r4", params, lambda step, total: None, lambda: False)
+    again = generator.generate("r4", params, lambda step, total: None, lambda: False)
+    other_seed = generator.generate("r4", replace(params, seed=6), lambda step, total: None, lambda: False)
+    assert first.prompt != PARAMS.prompt  # the output reports the prompt actually used
+    assert again.prompt == first.prompt and again.images == first.images
+    assert other_seed.prompt != first.prompt
+    # The image is the pipeline's for the expanded prompt: expansion only changes the text.
+    plain = replace(PARAMS, prompt=first.prompt)
+    assert generator.generate("r4", plain, lambda step, total: None, lambda: False).images == first.images
 
 
 def image(generator: ImageGenerator, params: GenerationParams) -> bytes:
