@@ -49,9 +49,19 @@ def model_error(errors: list[dict[str, Any]], error_type: str) -> Outcome:
 
 def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
     """Pydantic's errors in exactly the form FastAPI answers a bad body with."""
-    errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+    errors = [
+        {**error, "loc": ("body", *error["loc"]), "input": _printable(error.get("input"))}
+        for error in exc.errors(include_url=False)
+    ]
     encoded: list[dict[str, Any]] = jsonable_encoder(errors)
     return encoded
+
+
+def _printable(value: Any) -> Any:
+    """Echoed input that is not UTF-8-encodable (lone surrogates) is shown escaped instead of failing."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def invalid_body(exc: ValidationError) -> Outcome:

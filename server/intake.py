@@ -63,7 +63,7 @@ async def new_record(app_id: str, request: Request) -> JobRecord:
     )
     try:
         body = json.loads(await request.body())
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         record.outcome = not_json_body(f"the request body is not valid JSON: {exc}")
         return record
     if isinstance(body, dict):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import secrets
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pipeline.messages import GenerationParams, LoraRequest
 
@@ -27,13 +27,25 @@ MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 20_000  # FLUX.2 reads 512 tokens; far longer prompts are abuse, not art
 
 
+def _encodable(text: str) -> str:
+    """JSON may carry lone surrogates (`"\\ud800"`); they are not text and would break the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate, which is not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class ImageSize(BaseModel):
     width: int = Field(default=512, ge=512, le=2048, description="Rounded to the nearest multiple of 16.")
     height: int = Field(default=512, ge=512, le=2048, description="Rounded to the nearest multiple of 16.")
 
 
 class LoraWeight(BaseModel):
-    path: str = Field(min_length=1, description="URL, Hugging Face repo id, or a path under a LoRA folder.")
+    path: Text = Field(min_length=1, description="URL, Hugging Face repo id, or a path under a LoRA folder.")
     scale: float = Field(default=1.0, ge=0.0, le=4.0)
 
 
@@ -42,7 +54,7 @@ class Flux2Input(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     guidance_scale: float = Field(default=2.5, ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random (and reported) if absent.")
     num_inference_steps: int = Field(default=28, ge=4, le=50)
