@@ -22,6 +22,7 @@ from server.outputs import OutputBuilder
 from server.routes import ops, playground, queue, run
 from server.scheduler import Scheduler, Worker
 from server.store import SqliteJobStore
+from server.webhooks import WebhookSender, WebhookSigner
 from server.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,16 @@ def create_app(
     fetcher = LoraFetcher(settings.lora_policy())
     metrics = Metrics(fetcher)
     store = SqliteJobStore(settings.job_store_path)
+    webhooks = WebhookSender(
+        WebhookSigner(settings.data_dir / "keys"), allow_private_addresses=settings.allow_private_webhook_urls
+    )
     scheduler = Scheduler(
-        OutputBuilder(files), fetcher, metrics, run_timeout=settings.run_timeout_seconds, store=store
+        OutputBuilder(files),
+        fetcher,
+        metrics,
+        run_timeout=settings.run_timeout_seconds,
+        store=store,
+        webhooks=webhooks,
     )
 
     def spawn_worker(scheduler: Scheduler) -> Worker:
@@ -65,6 +74,7 @@ def create_app(
             cleaner.cancel()
             scheduler.stop()
             await fetcher.aclose()
+            await webhooks.aclose()
             store.close()
 
     app = FastAPI(
@@ -78,6 +88,7 @@ def create_app(
     app.state.files = files
     app.state.keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
     app.state.metrics = metrics
+    app.state.webhooks = webhooks
     app.state.model_name = settings.model or "auto"
     app.add_exception_handler(FalHTTPError, handle_fal_error)
     app.add_middleware(

@@ -39,6 +39,7 @@ class Settings:
     # LoRAs
     lora_folders: tuple[Path, ...] = ()  # local LoRA paths are allowed only under these (os.pathsep list)
     allow_private_lora_urls: bool = False  # loopback / private / link-local LoRA URLs (SSRF guard off)
+    allow_private_webhook_urls: bool = False  # the same for `?fal_webhook=` targets
     max_lora_rank: int = 128  # slot size; a LoRA of higher rank is refused
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk

@@ -73,6 +73,7 @@ class JobRecord:
     fetched_loras: list[LocalLora] = field(default_factory=list)  # pinned in the LoRA cache until done
     start_timeout: float | None = None  # X-Fal-Request-Timeout: seconds it may wait before starting
     timed_out: bool = False  # stopped for running past the run timeout
+    webhook_url: str | None = None  # `?fal_webhook=`: told the outcome when the request completes
     owner: str | None = None  # digest of the API key that submitted it (None when keys are off)
     durable: bool = False  # kept in the job store (queue requests); sync runs live and die with their caller
     version: int = 0  # bumped on every change, so watchers can tell what they have seen

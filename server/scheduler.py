@@ -32,6 +32,7 @@ from server.jobs import JobRecord, JobStatus, Priority
 from server.metrics import Metrics
 from server.outputs import OutputBuilder
 from server.store import JobStore
+from server.webhooks import WebhookSender, webhook_payload
 from server.worker_process import Listener, WorkerExited
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Scheduler:
         metrics: Metrics,
         run_timeout: float | None = None,
         store: JobStore | None = None,
+        webhooks: WebhookSender | None = None,
         max_restarts: int = 3,
     ) -> None:
         self.outputs = outputs
@@ -74,6 +76,7 @@ class Scheduler:
         self.metrics = metrics
         self.run_timeout = run_timeout
         self.store = store
+        self.webhooks = webhooks
         metrics.track_queue_depth(lambda: self.queue_depth)
         self.jobs: dict[str, JobRecord] = {}
         self.state = WorkerState.STOPPED
@@ -116,7 +119,7 @@ class Scheduler:
         if record.outcome is not None:  # refused at validation: completed on arrival, as fal does
             record.move_to(JobStatus.COMPLETED)
             self._persist(record)
-            self.metrics.completed(record, record.outcome)
+            self._announce(record)
             return
         self._persist(record)
         self._admit(record)
@@ -158,6 +161,16 @@ class Scheduler:
         if self.store is not None:
             self.store.delete_finished_before(cutoff)
         return gone
+
+    def _announce(self, record: JobRecord) -> None:
+        """A request just completed: count it, and deliver its webhook if it asked for one."""
+        outcome = record.outcome
+        assert outcome is not None
+        self.metrics.completed(record, outcome)
+        if record.webhook_url and self.webhooks is not None:
+            rid = record.request_id
+            body = webhook_payload(rid, rid, outcome.ok, outcome.body, None if outcome.ok else outcome.error)
+            self.webhooks.deliver(record.webhook_url, rid, body)
 
     def _index_files(self, record: JobRecord) -> None:
         for name in _file_names(record):
@@ -334,7 +347,7 @@ class Scheduler:
         record.complete(outcome, inference_seconds)
         self._index_files(record)
         self._persist(record)
-        self.metrics.completed(record, outcome)
+        self._announce(record)
         result = "ok" if outcome.ok else f"{outcome.status_code} {outcome.error_type}: {outcome.error}"
         log.info("completed: %s", result, extra={"request_id": record.request_id})
 

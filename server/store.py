@@ -43,14 +43,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     inference_seconds REAL,
     logs TEXT NOT NULL,
     outcome TEXT,
-    owner TEXT
+    owner TEXT,
+    webhook_url TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
 """
 
 _COLUMNS = (
     "request_id, app_id, request_input, base_url, params, priority, start_timeout, status, created_at,"
-    " started_at, finished_at, inference_seconds, logs, outcome, owner"
+    " started_at, finished_at, inference_seconds, logs, outcome, owner, webhook_url"
 )
 
 
@@ -65,7 +66,7 @@ class SqliteJobStore:
 
     def save(self, record: JobRecord) -> None:
         self._db.execute(
-            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", _row(record)
+            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 16)})", _row(record)
         )
 
     def load_all(self) -> list[JobRecord]:
@@ -100,12 +101,13 @@ def _row(record: JobRecord) -> tuple[Any, ...]:
         json.dumps([entry.to_json() for entry in record.logs]),
         json.dumps(dataclasses.asdict(outcome)) if outcome else None,
         record.owner,
+        record.webhook_url,
     )
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
     (request_id, app_id, request_input, base_url, params, priority, start_timeout, status, created_at,
-     started_at, finished_at, inference_seconds, logs, outcome, owner) = row  # fmt: skip
+     started_at, finished_at, inference_seconds, logs, outcome, owner, webhook_url) = row  # fmt: skip
     record = JobRecord(
         request_id=request_id,
         app_id=app_id,
@@ -122,6 +124,7 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         outcome=Outcome(**json.loads(outcome)) if outcome else None,
         start_timeout=start_timeout,
         owner=owner,
+        webhook_url=webhook_url,
         durable=True,
     )
     record.sync_mode = bool(record.request_input.get("sync_mode", False))

@@ -36,6 +36,11 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
+@router.get("/.well-known/jwks.json", summary="The public key that signs webhooks (JWKS)")
+async def jwks(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.webhooks.signer.jwks())
+
+
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry

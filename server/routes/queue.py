@@ -84,12 +84,24 @@ def _wants_logs(request: Request) -> bool:
     return request.query_params.get("logs", "0").lower() in _TRUE
 
 
+async def _webhook(request: Request) -> str | None:
+    """The `?fal_webhook=` URL, refused (400) when it points at a forbidden address, as LoRA URLs are."""
+    url = request.query_params.get("fal_webhook")
+    if not url:
+        return None
+    refusal = await request.app.state.webhooks.check_url_async(url)
+    if refusal is not None:
+        raise FalHTTPError(400, {"detail": f"fal_webhook refused: {refusal}"})
+    return url
+
+
 def _add_submit_route(app_id: str) -> None:
     async def submit(request: Request) -> JSONResponse:
         scheduler = _scheduler(request)
         refuse_when_full(request, scheduler)
         record = await new_record(app_id, request)
         record.durable = True  # kept in the job store: it must survive a restart
+        record.webhook_url = await _webhook(request)
         setattr(request.state, REQUEST_ID_STATE, record.request_id)
         scheduler.accept(record)
         body = {**status_body(scheduler, record, with_logs=False), "status": JobStatus.IN_QUEUE.value}
