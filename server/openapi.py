@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from server.schemas import APPS
+from server.schemas import APPS, ErrorBody, ValidationErrorBody
 
 _REF = "#/components/schemas/{model}"
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for the error answers a route can give: fal's 422 model errors, request errors else."""
+    return {
+        code: {
+            "model": ValidationErrorBody if code == 422 else ErrorBody,
+            "description": HTTPStatus(code).phrase,
+        }
+        for code in codes
+    }
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:

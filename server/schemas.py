@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -123,3 +123,62 @@ class Flux2Output(BaseModel):
 
 # The apps this server answers for, by fal app id; each id's input model.
 APPS: dict[str, type[Flux2Input]] = {"fal-ai/flux-2/lora": Flux2LoraInput, "fal-ai/flux-2": Flux2Input}
+
+
+# --- what the other routes answer (for the OpenAPI document; the bodies are built in the routes) ---------
+
+
+class ErrorBody(BaseModel):
+    """fal's request error: `detail` text, and a category in `error_type` (also `X-Fal-Error-Type`)."""
+
+    detail: str
+    error_type: str | None = None
+
+
+class ValidationErrorItem(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+    input: Any = None
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorBody(BaseModel):
+    """fal's model error (FastAPI's own shape): one entry per problem, `loc` naming the input."""
+
+    detail: list[ValidationErrorItem]
+
+
+class LogEntryBody(BaseModel):
+    message: str
+    level: str
+    source: str
+    timestamp: str
+
+
+class QueueStatusBody(BaseModel):
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    queue_position: int | None
+    logs: list[LogEntryBody] | None
+    metrics: dict[str, float] | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class CancelBody(BaseModel):
+    status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
+
+
+class ReadyBody(BaseModel):
+    ready: bool
+    state: str
+    model: str | None
+    device: str | None
+    dtype: str | None
+    queue_depth: int
+    worker_restarts: int
+    error: str | None

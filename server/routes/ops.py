@@ -9,7 +9,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.auth import request_owner, require_key
 from server.errors import FalHTTPError
 from server.files import FileStore
+from server.openapi import errors
 from server.scheduler import Scheduler, WorkerState
+from server.schemas import ReadyBody
 
 router = APIRouter(tags=["operations"])
 
@@ -19,7 +21,12 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: 200 once the model is loaded, 503 before or after a failure")
+@router.get(
+    "/ready",
+    summary="Readiness: 200 once the model is loaded, 503 before or after a failure",
+    response_model=ReadyBody,
+    responses={503: {"model": ReadyBody, "description": "Not ready"}},
+)
 async def ready(request: Request) -> JSONResponse:
     scheduler: Scheduler = request.app.state.scheduler
     info = scheduler.ready_info
@@ -36,18 +43,33 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/.well-known/jwks.json", summary="The public key that signs webhooks (JWKS)")
+@router.get(
+    "/.well-known/jwks.json",
+    summary="The public key that signs webhooks (JWKS)",
+    response_model=dict[str, list[dict[str, str]]],
+)
 async def jwks(request: Request) -> JSONResponse:
     return JSONResponse(request.app.state.webhooks.signer.jwks())
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/files/{name}", summary="A generated image", dependencies=[Depends(require_key)])
+@router.get(
+    "/files/{name}",
+    summary="A generated image",
+    dependencies=[Depends(require_key)],
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **errors(401, 404)},
+)
 async def file(request: Request, name: str) -> FileResponse:
     files: FileStore = request.app.state.files
     scheduler: Scheduler = request.app.state.scheduler

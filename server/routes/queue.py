@@ -18,9 +18,9 @@ from server.errors import FalHTTPError, outcome_response
 from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord, JobStatus
 from server.middleware import REQUEST_ID_STATE
-from server.openapi import body_schema
+from server.openapi import body_schema, errors
 from server.scheduler import CancelResult, Scheduler
-from server.schemas import APPS
+from server.schemas import APPS, CancelBody, Flux2Output, QueueStatusBody
 
 router = APIRouter(prefix="/queue", tags=["queue"], dependencies=[Depends(require_key)])
 
@@ -114,6 +114,8 @@ def _add_submit_route(app_id: str) -> None:
         methods=["POST"],
         name=f"submit {app_id}",
         summary=f"Queue a request for {app_id}; validation errors surface on the result URL",
+        response_model=QueueStatusBody,
+        responses=errors(400, 401, 413, 429, 431),
         openapi_extra=body_schema(APPS[app_id]),
     )
 
@@ -122,14 +124,24 @@ for _app_id in APPS:
     _add_submit_route(_app_id)
 
 
-@router.get(_REQUEST + "/status", summary="A request's status: 202 until COMPLETED, then 200")
+@router.get(
+    _REQUEST + "/status",
+    summary="A request's status: 202 until COMPLETED, then 200",
+    response_model=QueueStatusBody,
+    responses={202: {"model": QueueStatusBody, "description": "Not completed yet"}, **errors(401, 404)},
+)
 async def status(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
     record = _find(request, owner, alias, request_id)
     body = status_body(_scheduler(request), record, _wants_logs(request))
     return JSONResponse(body, status_code=200 if record.done else 202)
 
 
-@router.get(_REQUEST + "/status/stream", summary="Status as Server-Sent Events, closing after COMPLETED")
+@router.get(
+    _REQUEST + "/status/stream",
+    summary="Status as Server-Sent Events, closing after COMPLETED",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **errors(401, 404)},
+)
 async def status_stream(request: Request, owner: str, alias: str, request_id: str) -> StreamingResponse:
     record = _find(request, owner, alias, request_id)
     scheduler, with_logs = _scheduler(request), _wants_logs(request)
@@ -160,7 +172,12 @@ async def status_stream(request: Request, owner: str, alias: str, request_id: st
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-@router.get(_REQUEST, summary="The output (or the model's error) of a completed request")
+@router.get(
+    _REQUEST,
+    summary="The output (or the model's error) of a completed request",
+    response_model=Flux2Output,
+    responses=errors(400, 401, 404, 422, 500, 503, 504),
+)
 async def result(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
     record = _find(request, owner, alias, request_id)
     if not record.done:
@@ -176,7 +193,17 @@ _CANCEL_CODES = {
 }
 
 
-@router.put(_REQUEST + "/cancel", summary="Cancel a request: 202, or 400 when already completed")
+@router.put(
+    _REQUEST + "/cancel",
+    summary="Cancel a request: 202, or 400 when already completed",
+    status_code=202,
+    response_model=CancelBody,
+    responses={
+        400: {"model": CancelBody, "description": "Already completed"},
+        404: {"model": CancelBody, "description": "Not found"},
+        **errors(401),
+    },
+)
 async def cancel(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
     setattr(request.state, REQUEST_ID_STATE, request_id)
     if _visible(request, owner, alias, request_id) is None:

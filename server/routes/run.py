@@ -10,7 +10,7 @@ from server.errors import outcome_response
 from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord
 from server.middleware import REQUEST_ID_STATE
-from server.openapi import body_schema
+from server.openapi import body_schema, errors
 from server.scheduler import Scheduler
 from server.schemas import APPS, Flux2Output
 
@@ -48,6 +48,7 @@ def _add_route(app_id: str) -> None:
         name=f"run {app_id}",
         summary=f"Run {app_id} and wait for the output",
         response_model=Flux2Output,
+        responses=errors(400, 401, 413, 422, 429, 431, 500, 503, 504),
         openapi_extra=body_schema(APPS[app_id]),
     )
 
