@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.messages import FailureKind, JobFailed
 from server.worker_process import WorkerExited
 from tests.server.conftest import Harness
 
@@ -203,3 +204,16 @@ def test_openapi_documents_the_input(harness: Harness) -> None:
     assert (
         spec["components"]["schemas"]["Flux2LoraInput"]["properties"]["num_inference_steps"]["maximum"] == 50
     )
+
+
+def test_out_of_memory_is_a_503_and_the_queue_goes_on(held: Harness) -> None:
+    oom, waiting = submit(held), submit(held)
+    held.worker.listener(
+        JobFailed(oom["request_id"], FailureKind.OUT_OF_MEMORY, "out of device memory: 2 GiB")
+    )
+    result = held.client.get(oom["response_url"])
+    assert result.status_code == 503
+    assert result.json() == {"detail": "out of device memory: 2 GiB", "error_type": "out_of_memory"}
+    assert result.headers["x-fal-error-type"] == "out_of_memory"
+    held.worker.release()
+    assert held.client.get(waiting["response_url"]).status_code == 200
