@@ -17,11 +17,14 @@ from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
 from pipeline.messages import GenerationParams, JobSucceeded, LoraRequest
+from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.safety import SafetyChecker
 
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
+MAX_SEQUENCE_LENGTH = 512  # Flux2Pipeline's defaults, named so the prompt cache can key on them
+TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
 EXPANSION_TEMPERATURE = 0.15  # diffusers' recommended caption-upsampling temperature for FLUX.2
 SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes any unsigned 64-bit seed
 
@@ -53,9 +56,15 @@ class ImageGenerator:
     """Owns the loaded pipeline and its LoRA slots; runs one request at a time."""
 
     def __init__(
-        self, pipe: Flux2Pipeline, slots: LoraSlots, lora_cache: LoraMemoryCache, safety: SafetyChecker
+        self,
+        pipe: Flux2Pipeline,
+        slots: LoraSlots,
+        lora_cache: LoraMemoryCache,
+        safety: SafetyChecker,
+        prompt_cache: PromptEmbeddingCache | None = None,
     ) -> None:
         self.pipe = pipe
+        self.prompt_cache = prompt_cache or PromptEmbeddingCache(max_bytes=0)
         self.slots = slots
         self.lora_cache = lora_cache
         self.safety = safety
@@ -72,6 +81,26 @@ class ImageGenerator:
             torch.manual_seed(seed % 2**63)
             expanded = self.pipe.upsample_prompt(prompt, temperature=EXPANSION_TEMPERATURE)[0].strip()
         return expanded or prompt  # a model that says nothing leaves the prompt as it was
+
+    def prompt_embeds(self, prompt: str) -> torch.Tensor:
+        """The text encoder's output for one prompt, from the cache when it was seen before.
+
+        Passing these as `prompt_embeds` is exactly what the pipeline does with `prompt=` (it encodes, then
+        repeats per image), so the image is the same bit for bit.
+        """
+        key = (prompt, MAX_SEQUENCE_LENGTH, TEXT_ENCODER_OUT_LAYERS)
+
+        def encode() -> torch.Tensor:
+            embeds, _ = self.pipe.encode_prompt(
+                prompt=prompt,
+                device=self.pipe._execution_device,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                text_encoder_out_layers=TEXT_ENCODER_OUT_LAYERS,  # type: ignore[arg-type]  # diffusers' hint is wrong
+            )
+            assert isinstance(embeds, torch.Tensor)
+            return embeds
+
+        return self.prompt_cache.get(key, encode)
 
     def apply_loras(self, loras: tuple[LoraRequest, ...]) -> None:
         """Puts the request's LoRAs into the slots (and empties the others); a refusal changes no slot."""
@@ -112,7 +141,12 @@ class ImageGenerator:
 
         started = time.perf_counter()
         with torch.inference_mode():
-            output = self.pipe(**pipeline_kwargs(params), callback_on_step_end=step_end)
+            kwargs = {
+                **pipeline_kwargs(params),
+                "prompt": None,
+                "prompt_embeds": self.prompt_embeds(params.prompt),
+            }
+            output = self.pipe(**kwargs, callback_on_step_end=step_end)
         images = list(output.images)
         if params.enable_safety_checker:
             images, flagged = self.safety.screen(images)

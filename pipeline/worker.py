@@ -50,6 +50,7 @@ class WorkerConfig:
     lora_slots: int = 3
     max_lora_rank: int = 128
     lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
+    prompt_cache_bytes: int = 1024**3  # text-encoder outputs kept on the device
     compile: bool = False  # regionally compile the transformer's blocks (after the LoRA slots exist)
     log_level: str = "info"
     log_json: bool = False
@@ -63,6 +64,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     from pipeline.loading import load_pipeline
     from pipeline.lora_cache import LoraMemoryCache
     from pipeline.lora_slots import LoraSlots
+    from pipeline.prompt_cache import PromptEmbeddingCache
     from pipeline.safety import SafetyChecker
 
     registry = config.registry
@@ -83,7 +85,14 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         dtype=spec.dtype,
         load_seconds=time.perf_counter() - started,
     )
-    return ImageGenerator(pipe, slots, LoraMemoryCache(config.lora_memory_bytes), safety), ready
+    generator = ImageGenerator(
+        pipe,
+        slots,
+        LoraMemoryCache(config.lora_memory_bytes),
+        safety,
+        PromptEmbeddingCache(config.prompt_cache_bytes),
+    )
+    return generator, ready
 
 
 def _run_job(

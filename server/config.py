@@ -44,6 +44,7 @@ class Settings:
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
+    prompt_cache_max_bytes: int = 1024**3  # text-encoder outputs kept on the device for repeated prompts
     api_keys: tuple[str, ...] = ()  # FLUX2_API_KEYS=key1,key2: when set, every fal route needs one
     api_keys_file: Path | None = None  # or one key per line in a file
     result_ttl_seconds: float = 7 * 24 * 3600.0  # completed requests and their files are kept this long
@@ -101,6 +102,7 @@ class Settings:
             self.cache_dir,
             max_lora_rank=self.max_lora_rank,
             lora_memory_bytes=self.lora_memory_max_bytes,
+            prompt_cache_bytes=self.prompt_cache_max_bytes,
             compile=self.compile,
             log_level=self.log_level,
             log_json=self.log_json,

@@ -19,6 +19,7 @@ from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_slots import LoraSlots
 from pipeline.messages import GenerationParams, LoraRequest
 from pipeline.models import TinySafetyChecker
+from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.safety import SafetyChecker
 from pipeline.tiny import ensure_tiny_pipeline
 from tests.loras import linear_shapes, write_lora
@@ -143,3 +144,29 @@ def test_safety_checker_scores_are_probabilities(generator: ImageGenerator) -> N
         [Image.new("RGB", (512, 512), (200, 30, 30)), Image.new("RGB", (64, 64))]
     )
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+
+
+def test_prompt_cache_skips_the_text_encoder_and_changes_no_bit(
+    generator: ImageGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uncached = generator.generate("r9", PARAMS, lambda step, total: None, lambda: False)
+    monkeypatch.setattr(generator, "prompt_cache", PromptEmbeddingCache(max_bytes=10**8))
+    calls: list[int] = []
+    encoder_forward = generator.pipe.text_encoder.forward
+    monkeypatch.setattr(
+        generator.pipe.text_encoder, "forward", lambda *a, **k: calls.append(1) or encoder_forward(*a, **k)
+    )
+    first = generator.generate("r9", PARAMS, lambda step, total: None, lambda: False)
+    second = generator.generate("r9", PARAMS, lambda step, total: None, lambda: False)
+    assert len(calls) == 1  # the second request did not run the text encoder
+    assert first.images == second.images == uncached.images
+    generator.generate("r9", replace(PARAMS, prompt="another"), lambda step, total: None, lambda: False)
+    assert (generator.prompt_cache.hits, generator.prompt_cache.misses, len(calls)) == (1, 2, 2)
+
+
+def test_prompt_cache_evicts_under_its_budget() -> None:
+    one = torch.zeros(1, 512, 48)  # one tiny-model embedding: 98 KB
+    cache = PromptEmbeddingCache(max_bytes=2 * one.numel() * one.element_size())
+    for prompt in ("a", "b", "c", "a"):
+        cache.get((prompt, 512, (10, 20, 30)), lambda: one.clone())
+    assert (cache.hits, cache.misses, cache.evictions) == (0, 4, 2)  # "a" was evicted by "c", then recomputed
