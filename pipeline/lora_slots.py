@@ -60,15 +60,29 @@ class _Write:
 
 
 class LoraSlots:
-    """Always-active rank-`max_rank` adapter slots on every Linear of a transformer, refilled in place."""
+    """Rank-`max_rank` adapter slots on every Linear of a transformer, refilled in place.
 
-    def __init__(self, transformer: torch.nn.Module, num_slots: int = 3, max_rank: int = 128) -> None:
+    `skip_empty` (eager execution): only the filled slots run, since an empty one would cost a rank-R
+    matmul pair per layer to add exact zeros; the image is the same bit for bit. A compiled transformer
+    keeps every slot active instead (`skip_empty=False`), so its graph never changes and never recompiles.
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        num_slots: int = 3,
+        max_rank: int = 128,
+        *,
+        skip_empty: bool = True,
+    ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be at least 1")
         if getattr(transformer, "peft_config", None):
             raise ValueError("the transformer already has peft adapters; LoraSlots must own all of them")
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.skip_empty = skip_empty
+        self._transformer = transformer
         self.slot_names = tuple(f"slot{i}" for i in range(num_slots))
         targets = [
             name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)
@@ -111,7 +125,8 @@ class LoraSlots:
         self.loaded: list[tuple[str, float] | None] = [None] * num_slots
         """What each slot holds: (LoRA name, scale), or None when empty."""
         for index in range(num_slots):
-            self.clear(index)  # peft initialises A randomly; an empty slot is all zeros
+            self._empty(index)  # peft initialises A randomly; an empty slot is all zeros
+        self._activate()
 
     @property
     def target_modules(self) -> tuple[str, ...]:
@@ -135,9 +150,14 @@ class LoraSlots:
         writes = self._plan(state_dict, scale, name, alpha)
         self._write(slot, writes)
         self.loaded[slot] = (name, scale)
+        self._activate()
 
     def clear(self, slot: int) -> None:
         """Empties a slot: all-zero A and B add exactly 0 to every layer."""
+        self._empty(slot)
+        self._activate()
+
+    def _empty(self, slot: int) -> None:
         self._check_slot(slot)
         with torch.no_grad():
             for lora_A, lora_B in self._params[slot].values():
@@ -164,7 +184,21 @@ class LoraSlots:
             self.loaded[slot] = (parsed.name, scale)
         for slot in range(len(loras), self.num_slots):
             if self.loaded[slot] is not None:
-                self.clear(slot)
+                self._empty(slot)
+        self._activate()
+
+    def _activate(self) -> None:
+        """With `skip_empty`, make exactly the filled slots the active adapters (scaling stays 1.0)."""
+        if not self.skip_empty:
+            return
+        filled = [
+            name for name, content in zip(self.slot_names, self.loaded, strict=True) if content is not None
+        ]
+        if not filled:
+            self._transformer.disable_lora()  # type: ignore[operator]
+            return
+        self._transformer.enable_lora()  # type: ignore[operator]
+        self._transformer.set_adapters(filled, [1.0] * len(filled))  # type: ignore[operator]
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

@@ -75,7 +75,10 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     started = time.perf_counter()
     pipe, device = load_pipeline(spec, config.cache_dir)
     safety = SafetyChecker(spec.safety_checker, config.cache_dir, device)
-    slots = LoraSlots(pipe.transformer, config.lora_slots, config.max_lora_rank)
+    # Compiled: every slot stays active, so swaps never change the graph; eager: empty slots are skipped.
+    slots = LoraSlots(
+        pipe.transformer, config.lora_slots, config.max_lora_rank, skip_empty=not config.compile
+    )
     if config.compile:
         # Compiled lazily on the first call; slot swaps only change parameter data, so never again after.
         pipe.transformer.compile_repeated_blocks(fullgraph=True)

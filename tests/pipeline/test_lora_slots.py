@@ -380,3 +380,27 @@ def test_read_lora_file_refuses_a_non_safetensors_file(tmp_path: Path) -> None:
         read_lora_file(path)
     with pytest.raises(FileNotFoundError):
         read_lora_file(tmp_path / "missing.safetensors")
+
+
+def active_adapters(pipe: Flux2Pipeline) -> set[str]:
+    layer = next(m for m in pipe.transformer.modules() if isinstance(m, LoraLayer))
+    return set() if layer.disable_adapters else set(layer.active_adapters)
+
+
+def test_skipping_empty_slots_changes_no_bit(
+    slotted: Slotted, slots: LoraSlots, folder: Path, parsed: dict[str, ParsedLora]
+) -> None:
+    """Eager mode runs only the filled slots; a compiled one keeps all three active: same images."""
+    all_active = load_pipe(folder)
+    always = LoraSlots(all_active.transformer, num_slots=3, max_rank=128, skip_empty=False)
+    assert active_adapters(slotted.pipe) == set() and active_adapters(all_active) == {
+        "slot0",
+        "slot1",
+        "slot2",
+    }
+    for chosen in ([("a", 0.8)], [("b", 1.0), ("c", 0.5)], []):
+        loras = [(parsed[name], scale) for name, scale in chosen]
+        slots.apply(loras)
+        always.apply(loras)
+        assert active_adapters(slotted.pipe) == {f"slot{i}" for i in range(len(chosen))}
+        assert np.array_equal(render(slotted.pipe), render(all_active)), chosen
