@@ -109,7 +109,10 @@ def read_lora_file(path: Path, name: str | None = None) -> ParsedLora:
         weights = _load_weights(path, label)
         state_dict = _from_kohya(label, weights) if layout is _Layout.KOHYA else _from_bfl(label, weights)
     _check_converted(label, layout, state_dict)
-    return ParsedLora(name=label, state_dict=state_dict)
+    for key, tensor in state_dict.items():  # once here, not on every application of a cached LoRA
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraFitError(f"LoRA {label!r}: {key} contains NaN or infinite values")
+    return ParsedLora(name=label, state_dict=state_dict, finite=True)
 
 
 def _read_keys(path: Path, label: str) -> list[str]:

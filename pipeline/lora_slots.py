@@ -41,12 +41,15 @@ class ParsedLora:
     """A LoRA in diffusers/peft form: `[transformer.]<module>.lora_A/B.weight` and optional `<module>.alpha`.
 
     `alpha` applies to modules without their own `.alpha` entry; None means alpha = rank (factor 1), the
-    diffusers/peft convention for files without alpha information.
+    diffusers/peft convention for files without alpha information. `finite` records that every weight was
+    already checked for NaN and infinity (done once when the file is read: on the real model that scan
+    costs several times the slot copy, and a cached LoRA is applied again and again).
     """
 
     name: str
     state_dict: Mapping[str, torch.Tensor]
     alpha: float | None = None
+    finite: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ class LoraSlots:
         plans = []
         for index, (parsed, scale) in enumerate(loras):
             try:
-                plans.append(self._plan(parsed.state_dict, scale, parsed.name, parsed.alpha))
+                plans.append(self._plan(parsed.state_dict, scale, parsed.name, parsed.alpha, parsed.finite))
             except LoraFitError as error:
                 error.index = index
                 raise
@@ -205,7 +208,12 @@ class LoraSlots:
             raise IndexError(f"slot {slot} out of range 0..{self.num_slots - 1}")
 
     def _plan(
-        self, state_dict: Mapping[str, torch.Tensor], scale: float, name: str, alpha: float | None
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        scale: float,
+        name: str,
+        alpha: float | None,
+        finite: bool = False,
     ) -> list[_Write]:
         """Validates a whole LoRA against this transformer without touching any slot."""
         if not math.isfinite(scale):
@@ -245,7 +253,7 @@ class LoraSlots:
                 )
             if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
                 raise LoraFitError(f"LoRA {name!r}: {module} weights are not floating point")
-            if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+            if not finite and not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
                 raise LoraFitError(f"LoRA {name!r}: {module} contains NaN or infinite weights")
             module_alpha = _module_alpha(name, module, parts.get("alpha"), alpha, rank)
             writes.append(_Write(module, lora_A, lora_B, module_alpha / rank * scale))

@@ -484,3 +484,16 @@ def test_loras_for_other_sizes_are_refused_by_the_slots(
         slots.apply([(parsed, 1.0)])
     assert slots.loaded == [(good.name, 1.0)]
     np.testing.assert_allclose(render(rig.pipe), rig.reference, rtol=0, atol=ATOL)
+
+
+def test_non_finite_weights_are_refused_once_at_read(tmp_path: Path) -> None:
+    """Checked when the file is read, so applying a cached LoRA never scans its weights again."""
+    good = {
+        "transformer.proj_out.lora_A.weight": torch.ones(2, 4),
+        "transformer.proj_out.lora_B.weight": torch.ones(4, 2),
+    }
+    parsed = read_lora_file(save(tmp_path / "good.safetensors", good))
+    assert parsed.finite
+    bad = {**good, "transformer.proj_out.lora_B.weight": torch.full((4, 2), float("nan"))}
+    with pytest.raises(LoraFitError, match="NaN or infinite"):
+        read_lora_file(save(tmp_path / "bad.safetensors", bad))
