@@ -14,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,21 +46,22 @@ def main() -> None:
     args = parser.parse_args()
 
     cache_dir = Settings.load().cache_dir
-    request = {
-        "prompt": "a lighthouse at dusk",
-        "image_size": args.size,
-        "num_inference_steps": args.steps,
-        "seed": 1,
-    }
-    params = Flux2LoraInput.model_validate(request).to_params()
     pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
-    def direct() -> None:
-        with torch.inference_mode():
-            pipe(**pipeline_kwargs(params))
+    def request(i: int) -> dict[str, object]:
+        # A new prompt every round: the server's prompt-embedding cache would otherwise skip the text
+        # encoder and make the server look faster than the pipeline it wraps.
+        prompt = f"a lighthouse at dusk, take {i}"
+        return {"prompt": prompt, "image_size": args.size, "num_inference_steps": args.steps, "seed": 1,
+                "output_format": args.format}  # fmt: skip
 
-    def direct_encoded() -> None:
+    def direct(i: int) -> None:
+        with torch.inference_mode():
+            pipe(**pipeline_kwargs(Flux2LoraInput.model_validate(request(i)).to_params()))
+
+    def direct_encoded(i: int) -> None:
+        params = Flux2LoraInput.model_validate(request(i)).to_params()
         with torch.inference_mode():
             image = pipe(**pipeline_kwargs(params)).images[0]
         encode_image(image, params.output_format)
@@ -71,19 +73,21 @@ def main() -> None:
             fal_client.client.RUN_URL_FORMAT = f"{server.url}/"
             fal_client.client.QUEUE_URL_FORMAT = f"{server.url}/queue/"
             client = fal_client.SyncClient(key="bench")
-            paths = {
+            paths: dict[str, Callable[[int], object]] = {
                 "pipeline call": direct,
                 "pipeline call + encode": direct_encoded,
-                "server, fal_client.run": lambda: client.run(APP, request),
-                "server, fal_client.subscribe": lambda: client.subscribe(APP, request, client_timeout=60),
+                "server, fal_client.run": lambda i: client.run(APP, request(i)),
+                "server, fal_client.subscribe": lambda i: client.subscribe(
+                    APP, request(i), client_timeout=60
+                ),
             }
             for call in paths.values():  # warm-up: first calls allocate and fill caches
-                call()
+                call(-1)
             times: dict[str, list[float]] = {name: [] for name in paths}
-            for _ in range(args.n):
+            for i in range(args.n):
                 for name, call in paths.items():
                     started = time.perf_counter()
-                    call()
+                    call(i)
                     times[name].append(time.perf_counter() - started)
         finally:
             server.stop()
