@@ -51,6 +51,7 @@ from pipeline.lora_sources import LocalLora, LoraFetcher, LoraPolicy  # noqa: E4
 from pipeline.tiny import ensure_tiny_pipeline  # noqa: E402
 from server.config import Settings  # noqa: E402
 from tests.loras import linear_shapes, write_lora  # noqa: E402
+from tests.tiny import load_tiny, render  # noqa: E402
 
 MB = 1024**2
 TINY_RANKS = {"style16": 16, "detail32": 32, "light64": 64}  # adapter names must not be nn.Module attributes
@@ -88,29 +89,10 @@ def stopwatch(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def load_tiny(folder: Path) -> Flux2Pipeline:
-    pipe = Flux2Pipeline.from_pretrained(folder, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def render(pipe: Flux2Pipeline) -> np.ndarray:
-    with torch.inference_mode():
-        output = pipe(
-            prompt="a lighthouse at dusk",
-            height=512,
-            width=512,
-            num_inference_steps=4,
-            guidance_scale=2.5,
-            generator=torch.Generator("cpu").manual_seed(3),
-            output_type="np",
-        )
-    return np.asarray(output.images)
-
-
 def tiny_section(n: int, work: Path) -> None:
-    folder = ensure_tiny_pipeline(Settings.load().cache_dir / "tiny")
-    pipe, naive = load_tiny(folder), load_tiny(folder)
+    cache_dir = Settings.load().cache_dir
+    folder = ensure_tiny_pipeline(cache_dir / "tiny")
+    pipe, naive = load_tiny(cache_dir), load_tiny(cache_dir)
     shapes = linear_shapes(pipe.transformer)
     served = work / "served"
     for seed, (name, rank) in enumerate(TINY_RANKS.items()):

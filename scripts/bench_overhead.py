@@ -23,14 +23,13 @@ sys.path.insert(0, str(ROOT))
 import fal_client  # noqa: E402
 import fal_client.client  # noqa: E402
 import torch  # noqa: E402
-from diffusers import Flux2Pipeline  # noqa: E402
 
 from pipeline.generation import pipeline_kwargs  # noqa: E402
 from pipeline.images import encode_image  # noqa: E402
-from pipeline.tiny import ensure_tiny_pipeline  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.schemas import Flux2LoraInput  # noqa: E402
 from tests.live import LiveServer  # noqa: E402
+from tests.tiny import load_tiny  # noqa: E402
 
 APP = "fal-ai/flux-2/lora"
 
@@ -46,8 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cache_dir = Settings.load().cache_dir
-    pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_tiny(cache_dir)
 
     def request(i: int) -> dict[str, object]:
         # A new prompt every round: the server's prompt-embedding cache would otherwise skip the text

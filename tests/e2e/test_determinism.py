@@ -13,9 +13,9 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 
 from pipeline.generation import pipeline_kwargs
-from pipeline.tiny import ensure_tiny_pipeline
 from server.schemas import Flux2LoraInput
 from tests.live import LiveServer
+from tests.tiny import load_tiny
 
 REQUEST = {
     "prompt": "a lighthouse on a cliff at dusk",
@@ -36,11 +36,7 @@ def server_pixels(server: LiveServer, body: dict[str, object]) -> list[np.ndarra
 
 @pytest.fixture(scope="module")
 def direct_pipeline(cache_dir: Path) -> Flux2Pipeline:
-    pipe = Flux2Pipeline.from_pretrained(
-        ensure_tiny_pipeline(cache_dir / "tiny", seed=0), dtype=torch.float32
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_tiny(cache_dir)
 
 
 def test_server_image_equals_direct_pipeline_call(

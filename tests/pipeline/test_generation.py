@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import Flux2Pipeline
 from PIL import Image
 
 from pipeline.errors import Cancelled, InvalidInput
@@ -21,8 +20,8 @@ from pipeline.messages import GenerationParams, LoraRequest
 from pipeline.models import TinySafetyChecker
 from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.safety import SafetyChecker
-from pipeline.tiny import ensure_tiny_pipeline
 from tests.loras import linear_shapes, write_lora
+from tests.tiny import load_tiny
 
 PARAMS = GenerationParams(
     prompt="a kite", width=512, height=512, num_inference_steps=4, guidance_scale=2.5, seed=5
@@ -31,8 +30,7 @@ PARAMS = GenerationParams(
 
 @pytest.fixture(scope="module")
 def generator(cache_dir: Path) -> ImageGenerator:
-    pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_tiny(cache_dir)
     safety = SafetyChecker(TinySafetyChecker(source="tiny"), cache_dir, torch.device("cpu"))
     slots = LoraSlots(pipe.transformer, num_slots=3, max_rank=16)
     return ImageGenerator(pipe, slots, LoraMemoryCache(10**8), safety)

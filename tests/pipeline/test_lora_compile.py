@@ -25,8 +25,8 @@ from torch._dynamo.utils import counters
 
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraSlots, ParsedLora
-from pipeline.tiny import ensure_tiny_pipeline
 from tests.loras import linear_shapes, write_lora
+from tests.tiny import load_tiny, render
 
 MAX_RANK = 16
 
@@ -70,21 +70,6 @@ SWAPS: list[tuple[tuple[str, float], ...]] = [
 ]
 
 
-def render(pipe: Flux2Pipeline) -> np.ndarray:
-    # inference_mode as in ImageGenerator.generate: grad mode is part of dynamo's guards.
-    with torch.inference_mode():
-        output = pipe(
-            prompt="a lighthouse at dusk",
-            height=512,
-            width=512,
-            num_inference_steps=4,
-            guidance_scale=2.5,
-            generator=torch.Generator("cpu").manual_seed(3),
-            output_type="np",
-        )
-    return np.asarray(output.images)
-
-
 def render_eagerly(pipe: Flux2Pipeline) -> np.ndarray:
     # The same module, uncompiled: leaving the stance does not invalidate the compiled code.
     with torch.compiler.set_stance("force_eager"):
@@ -104,8 +89,7 @@ class Compiled:
 def compiled(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compiled]:
     torch._dynamo.reset()  # no compiled code or counters from earlier tests
     counters.clear()
-    pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_tiny(cache_dir)
     shapes = linear_shapes(pipe.transformer)
     directory = tmp_path_factory.mktemp("compile-loras")
     loras = {

@@ -27,10 +27,11 @@ from safetensors.torch import save_file
 
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
-from pipeline.tiny import ensure_tiny_pipeline
+from tests.tiny import load_tiny, render
 
 ATOL = 1e-4  # [0, 1] images in float32: see REFERENCE_ATOL in test_lora_slots.py
 RANK = 4
+SIZE = 256  # renders at 256² keep this file fast
 ALPHA = 2.0  # alpha = rank / 2: files that carry alpha store B, files that do not store B * 0.5
 FACTOR = ALPHA / RANK
 
@@ -205,19 +206,6 @@ def assert_same_deltas(actual: dict[str, torch.Tensor], expected: dict[str, torc
 # ---- fixtures -----------------------------------------------------------------------------------------
 
 
-def render(pipe: Flux2Pipeline) -> np.ndarray:
-    output = pipe(
-        prompt="a lighthouse at dusk",
-        height=256,
-        width=256,
-        num_inference_steps=4,
-        guidance_scale=2.5,
-        generator=torch.Generator("cpu").manual_seed(3),
-        output_type="np",
-    )
-    return np.asarray(output.images)
-
-
 @dataclass
 class Rig:
     pipe: Flux2Pipeline
@@ -231,16 +219,15 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Rig:
-    pipe = Flux2Pipeline.from_pretrained(ensure_tiny_pipeline(cache_dir / "tiny"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_tiny(cache_dir)
     shapes = linear_shapes(pipe.transformer)
     bfl = make_bfl(shapes, RANK, seed=7)
-    base = render(pipe)
+    base = render(pipe, size=SIZE)
     slots = LoraSlots(pipe.transformer, num_slots=1, max_rank=8)
     directory = tmp_path_factory.mktemp("lora_formats")
     reference_file = save(directory / "reference.safetensors", plain_diffusers(bfl, shapes))
     slots.apply([(read_lora_file(reference_file), 1.0)])
-    reference = render(pipe)
+    reference = render(pipe, size=SIZE)
     slots.apply([])
     assert np.abs(reference - base).max() > 100 * ATOL  # the LoRA does change the image
     return Rig(pipe, slots, shapes, bfl, base, reference, directory)
@@ -279,7 +266,7 @@ def test_each_layout_is_the_same_lora(rig: Rig, slots: LoraSlots, tmp_path: Path
     assert all(k.startswith("transformer.") for k in parsed.state_dict)
     assert_same_deltas(deltas(dict(parsed.state_dict)), oracle_deltas(rig.bfl))
     slots.apply([(parsed, 1.0)])
-    np.testing.assert_allclose(render(rig.pipe), rig.reference, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(render(rig.pipe, size=SIZE), rig.reference, rtol=0, atol=ATOL)
 
 
 def test_header_alpha_is_honoured(rig: Rig, slots: LoraSlots, tmp_path: Path) -> None:
@@ -288,10 +275,10 @@ def test_header_alpha_is_honoured(rig: Rig, slots: LoraSlots, tmp_path: Path) ->
     parsed = read_lora_file(path)
     assert float(parsed.state_dict["transformer.proj_out.alpha"]) == ALPHA
     slots.apply([(parsed, 1.0)])
-    np.testing.assert_allclose(render(rig.pipe), rig.reference, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(render(rig.pipe, size=SIZE), rig.reference, rtol=0, atol=ATOL)
     without_alpha = {k: v for k, v in parsed.state_dict.items() if not k.endswith(".alpha")}
     slots.apply([(ParsedLora("header ignored", without_alpha), 1.0)])
-    assert np.abs(render(rig.pipe) - rig.reference).max() > 100 * ATOL
+    assert np.abs(render(rig.pipe, size=SIZE) - rig.reference).max() > 100 * ATOL
 
 
 def test_bfl_alpha_keys_map_onto_every_split_module(rig: Rig, tmp_path: Path) -> None:
@@ -483,7 +470,7 @@ def test_loras_for_other_sizes_are_refused_by_the_slots(
     with pytest.raises(LoraFitError, match=message):
         slots.apply([(parsed, 1.0)])
     assert slots.loaded == [(good.name, 1.0)]
-    np.testing.assert_allclose(render(rig.pipe), rig.reference, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(render(rig.pipe, size=SIZE), rig.reference, rtol=0, atol=ATOL)
 
 
 def test_non_finite_weights_are_refused_once_at_read(tmp_path: Path) -> None:

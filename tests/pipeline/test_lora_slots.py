@@ -19,6 +19,7 @@ from peft.utils import get_peft_model_state_dict
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
 from pipeline.tiny import ensure_tiny_pipeline
+from tests.tiny import load_tiny, render
 
 # Tolerance for images in [0, 1] that must agree up to float32 rounding. The slots compute
 # (B * alpha/r * scale) @ (A @ x) at rank 128 with zero padding; diffusers computes
@@ -131,25 +132,6 @@ def parsed(files: dict[str, Path]) -> dict[str, ParsedLora]:
     return {name: read_lora_file(path) for name, path in files.items()}
 
 
-def load_pipe(folder: Path) -> Flux2Pipeline:
-    pipe = Flux2Pipeline.from_pretrained(folder, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def render(pipe: Flux2Pipeline, seed: int = 3) -> np.ndarray:
-    output = pipe(
-        prompt="a lighthouse at dusk",
-        height=512,
-        width=512,
-        num_inference_steps=4,
-        guidance_scale=2.5,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-    )
-    return np.asarray(output.images)
-
-
 @dataclass
 class Slotted:
     pipe: Flux2Pipeline
@@ -159,8 +141,8 @@ class Slotted:
 
 
 @pytest.fixture(scope="module")
-def slotted(folder: Path) -> Slotted:
-    pipe = load_pipe(folder)
+def slotted(cache_dir: Path) -> Slotted:
+    pipe = load_tiny(cache_dir)
     base = render(pipe)
     count = sum(p.numel() for p in pipe.transformer.parameters())
     return Slotted(pipe, LoraSlots(pipe.transformer, num_slots=3, max_rank=128), base, count)
@@ -220,7 +202,7 @@ def test_order_of_the_list_does_not_matter(
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # diffusers' own loader
 @pytest.mark.parametrize(("names", "scales"), [(("a", "b"), (0.7, 1.3)), (("c", "a", "b"), (1.0, -0.5, 0.4))])
 def test_matches_diffusers_load_lora_weights(
-    folder: Path,
+    cache_dir: Path,
     slotted: Slotted,
     slots: LoraSlots,
     files: dict[str, Path],
@@ -228,7 +210,7 @@ def test_matches_diffusers_load_lora_weights(
     names: tuple[str, ...],
     scales: tuple[float, ...],
 ) -> None:
-    reference = load_pipe(folder)
+    reference = load_tiny(cache_dir)
     for name in names:
         reference.load_lora_weights(str(files[name]), adapter_name=name)
     reference.set_adapters(list(names), list(scales))
@@ -388,10 +370,10 @@ def active_adapters(pipe: Flux2Pipeline) -> set[str]:
 
 
 def test_skipping_empty_slots_changes_no_bit(
-    slotted: Slotted, slots: LoraSlots, folder: Path, parsed: dict[str, ParsedLora]
+    slotted: Slotted, slots: LoraSlots, cache_dir: Path, parsed: dict[str, ParsedLora]
 ) -> None:
     """Eager mode runs only the filled slots; a compiled one keeps all three active: same images."""
-    all_active = load_pipe(folder)
+    all_active = load_tiny(cache_dir)
     always = LoraSlots(all_active.transformer, num_slots=3, max_rank=128, skip_empty=False)
     assert active_adapters(slotted.pipe) == set() and active_adapters(all_active) == {
         "slot0",
