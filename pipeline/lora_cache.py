@@ -23,10 +23,6 @@ class LoraMemoryCache:
         self._entries: OrderedDict[str, ParsedLora] = OrderedDict()
         self._bytes = 0
 
-    @property
-    def size_bytes(self) -> int:
-        return self._bytes
-
     def get(self, sha256: str, load: Callable[[], ParsedLora]) -> ParsedLora:
         """The cached LoRA for this content, or `load()` it and keep it (if it fits the budget at all)."""
         if sha256 in self._entries:
