@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
+from pipeline.acceleration import PRESETS, Accelerator, Preset
 from pipeline.errors import Cancelled, InvalidInput
 from pipeline.images import encode_image
 from pipeline.lora_cache import LoraMemoryCache
@@ -52,6 +53,12 @@ def pipeline_kwargs(params: GenerationParams) -> dict[str, Any]:
     }
 
 
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise InvalidInput(f"acceleration must be one of {', '.join(PRESETS)}", loc=("acceleration",))
+    return name
+
+
 class ImageGenerator:
     """Owns the loaded pipeline and its LoRA slots; runs one request at a time."""
 
@@ -62,8 +69,10 @@ class ImageGenerator:
         lora_cache: LoraMemoryCache,
         safety: SafetyChecker,
         prompt_cache: PromptEmbeddingCache | None = None,
+        accelerator: Accelerator | None = None,
     ) -> None:
         self.pipe = pipe
+        self.accelerator = accelerator or Accelerator(pipe.transformer)
         self.prompt_cache = prompt_cache or PromptEmbeddingCache(max_bytes=0)
         self.slots = slots
         self.lora_cache = lora_cache
@@ -122,6 +131,23 @@ class ImageGenerator:
             exc.index = index
             raise
 
+    def warm_up(self, sizes: tuple[tuple[int, int], ...]) -> None:
+        """Build the compiled graphs now rather than on the first requests: one denoising step at each
+        (width, height), then two images at once. After the second distinct shape dynamo makes the changed
+        dimension dynamic, so these few graphs then serve every size and batch without recompiling."""
+        embeds = self.prompt_embeds("")
+        runs = [(width, height, 1) for width, height in sizes] + [(*sizes[0], 2)] if sizes else []
+        with torch.inference_mode(), self.accelerator.preset("regular", 1):
+            for width, height, count in runs:
+                self.pipe(
+                    prompt_embeds=embeds,
+                    width=width,
+                    height=height,
+                    num_inference_steps=1,
+                    num_images_per_prompt=count,
+                    output_type="latent",
+                )
+
     def generate(
         self, request_id: str, params: GenerationParams, on_step: StepCallback, cancelled: CancelCheck
     ) -> JobSucceeded:
@@ -146,7 +172,8 @@ class ImageGenerator:
                 "prompt": None,
                 "prompt_embeds": self.prompt_embeds(params.prompt),
             }
-            output = self.pipe(**kwargs, callback_on_step_end=step_end)
+            with self.accelerator.preset(_preset(params.acceleration), total):
+                output = self.pipe(**kwargs, callback_on_step_end=step_end)
         images = list(output.images)
         if params.enable_safety_checker:
             images, flagged = self.safety.screen(images)

@@ -60,7 +60,9 @@ class WorkerReady:
     model: str
     device: str
     dtype: str
-    load_seconds: float
+    load_seconds: float  # loading, compiling and warming up
+    compiled: bool = False  # `regular` and `high` run compiled blocks
+    attention_backend: str = "native"
 
 
 @dataclass(frozen=True)

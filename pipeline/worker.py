@@ -51,7 +51,9 @@ class WorkerConfig:
     max_lora_rank: int = 128
     lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
     prompt_cache_bytes: int = 1024**3  # text-encoder outputs kept on the device
-    compile: bool = False  # regionally compile the transformer's blocks (after the LoRA slots exist)
+    compile: bool | None = None  # compile the transformer's blocks for `regular`/`high`; None: on CUDA only
+    warmup_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) compiled for at startup
+    attention_backend: str | None = None  # a diffusers backend name; None: the fastest exact one available
     log_level: str = "info"
     log_json: bool = False
 
@@ -60,6 +62,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     """Load the model with its LoRA slots: the worker's start, and `flux2-server generate`'s."""
     import torch
 
+    from pipeline.acceleration import Accelerator, choose_attention_backend
     from pipeline.generation import ImageGenerator
     from pipeline.loading import load_pipeline
     from pipeline.lora_cache import LoraMemoryCache
@@ -75,25 +78,34 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     started = time.perf_counter()
     pipe, device = load_pipeline(spec, config.cache_dir)
     safety = SafetyChecker(spec.safety_checker, config.cache_dir, device)
+    compile_blocks = device.type == "cuda" if config.compile is None else config.compile
     # Compiled: every slot stays active, so swaps never change the graph; eager: empty slots are skipped.
     slots = LoraSlots(
-        pipe.transformer, config.lora_slots, config.max_lora_rank, skip_empty=not config.compile
+        pipe.transformer, config.lora_slots, config.max_lora_rank, skip_empty=not compile_blocks
     )
-    if config.compile:
-        # Compiled lazily on the first call; slot swaps only change parameter data, so never again after.
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    ready = WorkerReady(
-        model=spec.name,
-        device=str(device),
-        dtype=spec.dtype,
-        load_seconds=time.perf_counter() - started,
-    )
+    accelerator = Accelerator(pipe.transformer)
+    accelerator.set_attention_backend(choose_attention_backend(device, config.attention_backend))
     generator = ImageGenerator(
         pipe,
         slots,
         LoraMemoryCache(config.lora_memory_bytes),
         safety,
         PromptEmbeddingCache(config.prompt_cache_bytes),
+        accelerator,
+    )
+    if compile_blocks:
+        # After the slots exist: slot swaps only change parameter data, so these graphs are the last.
+        accelerator.compile()
+        compile_started = time.perf_counter()
+        generator.warm_up(config.warmup_sizes)
+        log.info("compiled and warmed up in %.1f s", time.perf_counter() - compile_started)
+    ready = WorkerReady(
+        model=spec.name,
+        device=str(device),
+        dtype=spec.dtype,
+        load_seconds=time.perf_counter() - started,
+        compiled=compile_blocks,
+        attention_backend=accelerator.attention_backend,
     )
     return generator, ready
 

@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=2.5)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument(
+        "--acceleration",
+        choices=("none", "regular", "high"),
+        default="regular",
+        help="eager, compiled (on CUDA), or compiled with a step cache (default regular)",
+    )
 
     download = commands.add_parser("download", help="prefetch a model's weights (resumable)")
     download.add_argument("--model", default="flux2-dev", help="a model from models.yaml (flux2-dev)")
@@ -146,6 +152,7 @@ def _generate(settings: Settings, args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance,
         "seed": args.seed,
         "num_images": args.num_images,
+        "acceleration": args.acceleration,
         "output_format": {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
             args.output.suffix.lower(), "png"
         ),

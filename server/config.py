@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.lora_sources import LoraPolicy
 from pipeline.models import Registry
 from pipeline.worker import WorkerConfig
+from server.schemas import PRESET_SIZES
 
 ENV_PREFIX = "FLUX2_"
 
@@ -53,7 +54,9 @@ class Settings:
     run_timeout_seconds: float = 600.0  # a generation running longer is stopped (504 generation_timeout)
     max_body_bytes: int = 1024**2  # request bodies (413 above)
     max_header_bytes: int = 16 * 1024  # request target and headers (431 above)
-    compile: bool = False  # torch.compile the transformer's blocks (acceleration presets will replace this)
+    # Acceleration
+    compile: bool | None = None  # compile for `regular`/`high` (auto: on CUDA only; CPU compiles are slow)
+    attention_backend: str | None = None  # a diffusers attention backend; unset: the fastest exact one
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -104,6 +107,8 @@ class Settings:
             lora_memory_bytes=self.lora_memory_max_bytes,
             prompt_cache_bytes=self.prompt_cache_max_bytes,
             compile=self.compile,
+            warmup_sizes=tuple(dict.fromkeys(PRESET_SIZES.values())),
+            attention_backend=self.attention_backend,
             log_level=self.log_level,
             log_json=self.log_json,
         )
@@ -126,10 +131,14 @@ _BOOLS = {
 
 
 def _parse(key: str, raw: str, type_name: str) -> object:
-    if type_name == "bool":
-        if raw.strip().lower() not in _BOOLS:
-            raise SettingsError(f"{key}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
-        return _BOOLS[raw.strip().lower()]
+    if type_name.startswith("bool"):
+        word = raw.strip().lower()
+        if "None" in type_name and word in ("", "auto"):
+            return None
+        if word not in _BOOLS:
+            also = ", or auto" if "None" in type_name else ""
+            raise SettingsError(f"{key}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off{also})")
+        return _BOOLS[word]
     if type_name.startswith("tuple[Path"):
         return tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)
     if type_name.startswith("tuple[str"):

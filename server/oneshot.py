@@ -55,7 +55,12 @@ def generate(settings: Settings, registry: Registry, body: dict[str, Any], outpu
             for lora, local in zip(params.loras, fetched, strict=True)
         )
         params = replace(params, loras=loras)
-    generator, ready = load_generator(settings.worker_config(registry))
+    # One image: compile only when its preset runs compiled, and warm nothing up front (it would compile
+    # the same graphs as the image itself).
+    config = replace(settings.worker_config(registry), warmup_sizes=())
+    if params.acceleration == "none":
+        config = replace(config, compile=False)
+    generator, ready = load_generator(config)
     print(f"model {ready.model} on {ready.device}, seed {params.seed}", file=sys.stderr)
     with tqdm(total=params.num_inference_steps, unit="step", desc="generating") as bar:
         try:

@@ -179,6 +179,8 @@ class ReadyBody(BaseModel):
     model: str | None
     device: str | None
     dtype: str | None
+    compiled: bool | None  # `regular` and `high` run compiled transformer blocks
+    attention_backend: str | None
     queue_depth: int
     worker_restarts: int
     error: str | None

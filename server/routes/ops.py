@@ -36,6 +36,8 @@ async def ready(request: Request) -> JSONResponse:
         "model": info.model if info else request.app.state.model_name,
         "device": info.device if info else None,
         "dtype": info.dtype if info else None,
+        "compiled": info.compiled if info else None,
+        "attention_backend": info.attention_backend if info else None,
         "queue_depth": scheduler.queue_depth,
         "worker_restarts": scheduler.restarts,
         "error": scheduler.failure,

@@ -78,3 +78,10 @@ def test_json_logs_carry_the_request_id(tmp_path: Path, cache_dir: Path) -> None
     mine = [entry["message"] for entry in lines if entry.get("request_id") == request_id]
     assert mine[0].startswith("accepted") and mine[-1] == "completed: ok"
     assert {"MainProcess", "flux2-worker"} <= {entry["process"] for entry in lines}
+
+
+def test_ready_describes_the_loaded_worker(live_server: LiveServer) -> None:
+    body = httpx.get(f"{live_server.url}/ready").json()
+    assert body["ready"] and (body["model"], body["device"], body["dtype"]) == ("tiny", "cpu", "float32")
+    # A CPU server runs eager unless FLUX2_COMPILE=true: CPU compiles cost more than they save
+    assert (body["compiled"], body["attention_backend"]) == (False, "native")

@@ -1,9 +1,9 @@
 """Switching LoRAs in the fixed slots never recompiles a compiled transformer, and changes what it draws.
 
 The tiny pipeline gets `LoraSlots` (every slot always active, as the worker sets them up for compiled
-execution), then the regional compile the worker uses (`compile_repeated_blocks(fullgraph=True)`: each
-Flux2TransformerBlock / Flux2SingleTransformerBlock through inductor, the peft-wrapped Linears inside them
-traced as part of the block; the embedders and output layers outside stay eager). After one warm-up
+execution), then the regional compile the worker uses (`Accelerator.compile`: each Flux2TransformerBlock /
+Flux2SingleTransformerBlock forward through inductor with fullgraph=True, the peft-wrapped Linears inside
+them traced as part of the block; the embedders and output layers outside stay eager). After one warm-up
 generation, `error_on_recompile` turns any guard failure into an exception, and the test swaps through LoRA
 sets of other ranks, targets, scales and counts, rendering after each. Every compiled image is compared with
 the same call run eagerly on the same module (`set_stance("force_eager")`).
@@ -23,6 +23,7 @@ import torch._dynamo
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from torch._dynamo.utils import counters
 
+from pipeline.acceleration import Accelerator
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraSlots, ParsedLora
 from tests.loras import linear_shapes, write_lora
@@ -104,9 +105,8 @@ def compiled(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     # `_disable_adapters` and fails a dynamo guard on every LoraLayer's forward.)
     slots = LoraSlots(pipe.transformer, num_slots=3, max_rank=MAX_RANK, skip_empty=False)
     # Regional compile works on peft-wrapped blocks: peft replaces the Linears inside each block by LoraLayer
-    # modules, but the block classes (what `_repeated_blocks` names) stay, and fullgraph=True proves the
-    # LoRA forward traces without a graph break.
-    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    # modules, but the blocks stay, and fullgraph=True proves the LoRA forward traces without a graph break.
+    Accelerator(pipe.transformer).compile()
     started = time.perf_counter()
     base = render(pipe)
     print(f"warm-up (compile + first run): {time.perf_counter() - started:.1f} s")

@@ -15,7 +15,7 @@ def test_defaults() -> None:
         "127.0.0.1",
         8000,
         None,
-        False,
+        None,  # compile: decided by the device
     )
     assert settings.lora_folders == () and settings.max_lora_rank == 128
 
@@ -27,6 +27,11 @@ def test_environment_then_flags() -> None:
     assert settings.model == "tiny"  # an absent flag (None) leaves the variable's value
     assert settings.lora_folders == (Path("/a"), Path("/b"))
     assert settings.compile is True
+
+
+@pytest.mark.parametrize(("raw", "value"), [("auto", None), ("", None), ("on", True), ("off", False)])
+def test_compile_is_auto_or_a_boolean(raw: str, value: bool | None) -> None:
+    assert Settings.load(env={"FLUX2_COMPILE": raw}).compile is value
 
 
 @pytest.mark.parametrize("raw", ["false", "0", "no", "off", "False"])
