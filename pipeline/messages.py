@@ -63,6 +63,7 @@ class WorkerReady:
     load_seconds: float  # loading, compiling and warming up
     compiled: bool = False  # `regular` and `high` run compiled blocks
     attention_backend: str = "native"
+    memory_profile: str = "full"
 
 
 @dataclass(frozen=True)

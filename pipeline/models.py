@@ -12,6 +12,10 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 Device = Literal["auto", "cuda", "cpu"]
 
 
+class ConfigError(ValueError):
+    """models.yaml (or a model choice) is unusable; the message names the file and the field."""
+
+
 class HubSafetyChecker(BaseModel):
     """An image classifier with an `nsfw` label (FLUX.2's reference: Falconsai/nsfw_image_detection)."""
 
@@ -36,6 +40,29 @@ class TinySafetyChecker(BaseModel):
 SafetyCheckerSpec = Annotated[HubSafetyChecker | TinySafetyChecker, Field(discriminator="source")]
 
 
+Quantization = Literal["none", "fp8", "int8", "nf4"]
+
+
+class MemoryProfile(BaseModel):
+    """How the model's weights are held on a device of at least `min_device_memory_gib`.
+
+    `fp8` and `int8` quantize a component's Linear weights through torchao (`fp8`: FP8 weights and
+    activations, needs compute capability 8.9+), `nf4` through bitsandbytes (CUDA only); `none` keeps the
+    model's dtype. `offload: model` keeps components in CPU memory and moves each to the GPU while it runs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""  # filled from the profile's key
+    min_device_memory_gib: float = Field(ge=0)
+    transformer: Quantization = "none"
+    text_encoder: Quantization = "none"
+    offload: Literal["none", "model"] = "none"
+
+
+_DEFAULT_PROFILES = {"full": MemoryProfile(name="full", min_device_memory_gib=0)}
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,6 +70,26 @@ class _Spec(BaseModel):
     dtype: Dtype
     device: Device = "auto"
     safety_checker: SafetyCheckerSpec
+    memory_profiles: dict[str, MemoryProfile] = Field(default_factory=lambda: dict(_DEFAULT_PROFILES))
+
+    def memory_profile(self, device_memory_bytes: int, requested: str | None = None) -> MemoryProfile:
+        """The named profile, or the one needing the most memory that the device has; refuses with what
+        would have been needed when nothing fits."""
+        have = device_memory_bytes / 1024**3
+        profiles = sorted(self.memory_profiles.values(), key=lambda p: p.min_device_memory_gib, reverse=True)
+        if requested is not None:
+            if requested not in self.memory_profiles:
+                known = ", ".join(self.memory_profiles)
+                raise ConfigError(f"model {self.name!r} has no memory profile {requested!r}; it has: {known}")
+            profiles = [self.memory_profiles[requested]]
+        for profile in profiles:
+            if profile.min_device_memory_gib <= have:
+                return profile
+        need = ", ".join(f"{p.name!r} needs {p.min_device_memory_gib:g} GiB" for p in profiles)
+        raise ConfigError(
+            f"model {self.name!r} does not fit this device's {have:.1f} GiB of memory: {need}"
+            " (see memory_profiles in models.yaml)"
+        )
 
 
 class HubModel(_Spec):
@@ -68,10 +115,6 @@ class _RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: dict[str, ModelSpec]
-
-
-class ConfigError(ValueError):
-    """models.yaml (or a model choice) is unusable; the message names the file and the field."""
 
 
 class Registry:
@@ -106,5 +149,16 @@ def load_registry(path: Path) -> Registry:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "top level"
         raise ConfigError(f"{path}: {where}: {first['msg']}") from exc
-    models = {name: spec.model_copy(update={"name": name}) for name, spec in parsed.models.items()}
+    models = {
+        name: spec.model_copy(
+            update={
+                "name": name,
+                "memory_profiles": {
+                    key: profile.model_copy(update={"name": key})
+                    for key, profile in spec.memory_profiles.items()
+                },
+            }
+        )
+        for name, spec in parsed.models.items()
+    }
     return Registry(models)

@@ -54,6 +54,7 @@ class WorkerConfig:
     compile: bool | None = None  # compile the transformer's blocks for `regular`/`high`; None: on CUDA only
     warmup_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) compiled for at startup
     attention_backend: str | None = None  # a diffusers backend name; None: the fastest exact one available
+    memory_profile: str | None = None  # a profile of the model's entry in models.yaml; None: by device memory
     log_level: str = "info"
     log_json: bool = False
 
@@ -76,7 +77,8 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         "MODEL: %r (%s)%s", spec.name, spec.source, "" if config.model_name else ", chosen automatically"
     )
     started = time.perf_counter()
-    pipe, device = load_pipeline(spec, config.cache_dir)
+    loaded = load_pipeline(spec, config.cache_dir, config.memory_profile)
+    pipe, device = loaded.pipe, loaded.device
     safety = SafetyChecker(spec.safety_checker, config.cache_dir, device)
     compile_blocks = device.type == "cuda" if config.compile is None else config.compile
     # Compiled: every slot stays active, so swaps never change the graph; eager: empty slots are skipped.
@@ -106,6 +108,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         load_seconds=time.perf_counter() - started,
         compiled=compile_blocks,
         attention_backend=accelerator.attention_backend,
+        memory_profile=loaded.profile.name,
     )
     return generator, ready
 

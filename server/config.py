@@ -57,6 +57,7 @@ class Settings:
     # Acceleration
     compile: bool | None = None  # compile for `regular`/`high` (auto: on CUDA only; CPU compiles are slow)
     attention_backend: str | None = None  # a diffusers attention backend; unset: the fastest exact one
+    memory_profile: str | None = None  # one of the model's memory_profiles; unset: chosen by device memory
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -109,6 +110,7 @@ class Settings:
             compile=self.compile,
             warmup_sizes=tuple(dict.fromkeys(PRESET_SIZES.values())),
             attention_backend=self.attention_backend,
+            memory_profile=self.memory_profile,
             log_level=self.log_level,
             log_json=self.log_json,
         )

@@ -181,6 +181,7 @@ class ReadyBody(BaseModel):
     dtype: str | None
     compiled: bool | None  # `regular` and `high` run compiled transformer blocks
     attention_backend: str | None
+    memory_profile: str | None  # how the weights are held (models.yaml `memory_profiles`)
     queue_depth: int
     worker_restarts: int
     error: str | None

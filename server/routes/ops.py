@@ -38,6 +38,7 @@ async def ready(request: Request) -> JSONResponse:
         "dtype": info.dtype if info else None,
         "compiled": info.compiled if info else None,
         "attention_backend": info.attention_backend if info else None,
+        "memory_profile": info.memory_profile if info else None,
         "queue_depth": scheduler.queue_depth,
         "worker_restarts": scheduler.restarts,
         "error": scheduler.failure,

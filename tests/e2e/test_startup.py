@@ -33,25 +33,38 @@ def test_unknown_model(tmp_path: Path) -> None:
     assert "unknown model 'flux3'" in run.stderr
 
 
-@pytest.mark.parametrize("broken", ["model", "safety checker"])
-def test_model_or_checker_that_cannot_load(tmp_path: Path, cache_dir: Path, broken: str) -> None:
-    """Either way the server must not serve: never an image without a model, nor an unchecked one."""
+@pytest.mark.parametrize(
+    ("broken", "says"),
+    [
+        ("model", "no-such-folder"),
+        ("safety checker", "no-such-folder"),
+        ("memory", "does not fit this device"),
+    ],
+)
+def test_model_or_checker_that_cannot_load(tmp_path: Path, cache_dir: Path, broken: str, says: str) -> None:
+    """Any way, the server must not serve: never an image without a model, nor an unchecked one, nor a
+    model that does not fit in memory."""
     missing = tmp_path / "no-such-folder"
     model = (
         f"source: hub\n    repo_id: x/y\n    local_dir: {missing}" if broken == "model" else "source: tiny"
     )
     checker = (
-        f"{{source: hub, repo_id: x/y, local_dir: {missing}}}" if broken != "model" else "{source: tiny}"
+        f"{{source: hub, repo_id: x/y, local_dir: {missing}}}"
+        if broken == "safety checker"
+        else "{source: tiny}"
     )
+    profiles = "    memory_profiles: {huge: {min_device_memory_gib: 1000000}}\n" if broken == "memory" else ""
     config = tmp_path / "models.yaml"
-    config.write_text(f"models:\n  m:\n    {model}\n    dtype: float32\n    safety_checker: {checker}\n")
+    config.write_text(
+        f"models:\n  m:\n    {model}\n    dtype: float32\n    safety_checker: {checker}\n{profiles}"
+    )
     server = LiveServer(
         tmp_path / "data", "--config", str(config), "--model", "m", env={"FLUX2_CACHE_DIR": str(cache_dir)}
     )
     try:
         ready = server.wait_for_ready_state(lambda answer: answer.json()["state"] == "failed")
         assert ready.status_code == 503
-        assert "could not be loaded" in ready.json()["error"]
+        assert "could not be loaded" in ready.json()["error"] and says in ready.json()["error"]
         assert httpx.get(f"{server.url}/health").status_code == 200
         run = httpx.post(f"{server.url}/fal-ai/flux-2", json={"prompt": "p"}, timeout=30)
         assert run.status_code == 503
@@ -84,4 +97,4 @@ def test_ready_describes_the_loaded_worker(live_server: LiveServer) -> None:
     body = httpx.get(f"{live_server.url}/ready").json()
     assert body["ready"] and (body["model"], body["device"], body["dtype"]) == ("tiny", "cpu", "float32")
     # A CPU server runs eager unless FLUX2_COMPILE=true: CPU compiles cost more than they save
-    assert (body["compiled"], body["attention_backend"]) == (False, "native")
+    assert (body["compiled"], body["attention_backend"], body["memory_profile"]) == (False, "native", "full")

@@ -68,3 +68,49 @@ def test_unknown_model_lists_the_known_ones() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_registry(tmp_path / "absent.yaml")
+
+
+GIB = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("gib", "profile"),
+    [(141, "full"), (139.8, "full"), (79.1, "fp8"), (47.5, "low-memory"), (24, "low-memory")],
+)
+def test_memory_profile_follows_the_device(gib: float, profile: str) -> None:
+    dev = load_registry(ROOT / "models.yaml").get("flux2-dev")
+    assert dev.memory_profile(int(gib * GIB)).name == profile
+
+
+def test_too_little_memory_is_refused_with_what_each_profile_needs() -> None:
+    dev = load_registry(ROOT / "models.yaml").get("flux2-dev")
+    with pytest.raises(ConfigError) as refused:
+        dev.memory_profile(16 * GIB)
+    message = str(refused.value)
+    assert "'flux2-dev' does not fit this device's 16.0 GiB" in message
+    assert "'full' needs 120 GiB" in message and "'low-memory' needs 22 GiB" in message
+
+
+def test_a_named_profile_is_used_only_where_it_fits() -> None:
+    dev = load_registry(ROOT / "models.yaml").get("flux2-dev")
+    assert dev.memory_profile(141 * GIB, "fp8").name == "fp8"  # asked for: taken over the roomier `full`
+    with pytest.raises(ConfigError, match="'full' needs 120 GiB"):
+        dev.memory_profile(80 * GIB, "full")
+    with pytest.raises(ConfigError, match=r"no memory profile 'fp4'.*full, fp8, low-memory"):
+        dev.memory_profile(80 * GIB, "fp4")
+
+
+def test_profile_fields_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n  m:\n    source: tiny\n    dtype: float32\n"
+        + CHECKER
+        + "    memory_profiles:\n      small: {min_device_memory_gib: 8, transformer: fp2}\n"
+    )
+    with pytest.raises(ConfigError, match=r"models\.m\.tiny\.memory_profiles\.small\.transformer"):
+        load_registry(path)
+
+
+def test_a_model_without_profiles_loads_in_full() -> None:
+    tiny = load_registry(ROOT / "models.yaml").get("tiny")
+    assert tiny.memory_profile(1 * GIB).name == "full"
