@@ -16,11 +16,8 @@ Only safetensors is accepted: pickle formats are refused by name before any netw
 checked against the safetensors header layout, and nothing is ever unpickled. This module imports neither
 torch nor FastAPI, so downloads happen in the HTTP process and the GPU never waits on the network.
 
-SSRF: URL downloads go through a network backend that resolves the host itself, refuses the connection if
-*any* resolved address is non-public (unless ``allow_private_addresses``), and then connects to one of the
-addresses it checked. The connection is therefore pinned to the checked address, which defeats DNS
-rebinding between check and connect. Redirects are followed by hand (at most 5), each hop through the same
-check. Environment proxies are ignored, since a proxy would make the address check meaningless.
+SSRF: URL downloads connect only to public addresses, pinned to the address that was checked
+(``pipeline.address_guard``); redirects are followed by hand (at most 5), each hop through the same check.
 """
 
 from __future__ import annotations
@@ -28,12 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import math
 import os
 import re
-import socket
 import struct
 import time
 import uuid
@@ -42,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
-import httpcore
 import httpx
+
+from pipeline import address_guard
+from pipeline.address_guard import ForbiddenAddress, GuardedTransport
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -123,13 +119,6 @@ class _Failure(Exception):
     """A failure of a shared fetch, phrased without the entry prefix (each waiter adds its own)."""
 
 
-class _ForbiddenAddress(Exception):
-    def __init__(self, host: str, address: str) -> None:
-        super().__init__(f"{host} resolves to {address}")
-        self.host = host
-        self.address = address
-
-
 # ---------------------------------------------------------------------------------------------- validation
 
 
@@ -204,91 +193,6 @@ def _sha256_file(file: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------- addresses
-
-
-def _forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for anything but a public unicast address (loopback, private, link-local/metadata, ...)."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is not None and _forbidden(embedded):
-            return True
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-        or not ip.is_global
-    )
-
-
-def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]").split("%")[0])
-    except ValueError:
-        return None
-
-
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Resolves, checks every address, and connects to a checked one (so DNS rebinding cannot slip in)."""
-
-    def __init__(self, allow_private: bool) -> None:
-        self._allow_private = allow_private
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            with anyio.fail_after(timeout):
-                infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not self._allow_private:
-            for address in addresses:
-                if _forbidden(ipaddress.ip_address(address.split("%")[0])):
-                    raise _ForbiddenAddress(host, address)
-        last: Exception = httpcore.ConnectError(f"{host} has no addresses")
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        raise last
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not allowed for LoRA downloads")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class _GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport with its connection pool rebuilt on the guarded backend, and no env proxies."""
-
-    def __init__(self, allow_private: bool) -> None:
-        super().__init__(trust_env=False)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
-            max_connections=100,
-            max_keepalive_connections=20,
-            keepalive_expiry=5.0,
-            network_backend=_GuardedBackend(allow_private),
-        )
 
 
 # ------------------------------------------------------------------------------------------- classifying
@@ -471,8 +375,8 @@ class LoraFetcher:
                 raise err("the URL has no host")
             if _pickle_name(url.path):
                 raise err("pickle files (.bin/.pt/.pth/.ckpt/.pkl) are refused; use a .safetensors file")
-            ip = _literal_ip(url.host)
-            if ip is not None and _forbidden(ip) and not self.policy.allow_private_addresses:
+            ip = address_guard.literal_ip(url.host)
+            if ip is not None and address_guard.is_forbidden(ip) and not self.policy.allow_private_addresses:
                 raise err(f"downloads from non-public address {ip} are not allowed")
             return _Spec("url", path)
         if _pickle_name(path):
@@ -664,7 +568,7 @@ class LoraFetcher:
         if self._client is None:
             p = self.policy
             self._client = httpx.AsyncClient(
-                transport=_GuardedTransport(p.allow_private_addresses),
+                transport=GuardedTransport(p.allow_private_addresses),
                 timeout=httpx.Timeout(
                     connect=p.connect_timeout,
                     read=p.read_timeout,
@@ -704,7 +608,7 @@ class LoraFetcher:
                         raise _Failure(f"the server answered {resp.status_code}")
                     return await self._stream_to_cache(url, resp, flight)
             raise _Failure(f"too many redirects (more than {MAX_REDIRECTS})")
-        except _ForbiddenAddress as exc:
+        except ForbiddenAddress as exc:
             raise _Failure(
                 f"{exc.host} resolves to the non-public address {exc.address}, which is not allowed"
             ) from None

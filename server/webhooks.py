@@ -33,7 +33,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipeline.lora_sources import _forbidden, _ForbiddenAddress, _GuardedTransport, _literal_ip
+from pipeline.address_guard import ForbiddenAddress, GuardedTransport, is_forbidden, literal_ip
 
 __all__ = ["KEY_FILE_NAME", "WebhookSender", "WebhookSigner", "webhook_payload"]
 
@@ -211,9 +211,9 @@ class WebhookSender:
         if self.allow_private_addresses:
             return None
         refused = f"the webhook host {host} is a non-public address, which is not allowed"
-        ip = _literal_ip(host)
+        ip = literal_ip(host)
         if ip is not None:
-            return refused if _forbidden(ip) else None
+            return refused if is_forbidden(ip) else None
         name = host.rstrip(".").lower()
         if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
             return refused
@@ -225,8 +225,8 @@ class WebhookSender:
         except (OSError, UnicodeError):
             return f"the webhook host {host} cannot be resolved"
         for info in infos:
-            address = _literal_ip(str(info[4][0]))
-            if address is None or _forbidden(address):
+            address = literal_ip(str(info[4][0]))
+            if address is None or is_forbidden(address):
                 return f"the webhook host {host} resolves to the non-public address {info[4][0]}"
         return None
 
@@ -271,7 +271,7 @@ class WebhookSender:
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
-                transport=_GuardedTransport(self.allow_private_addresses),
+                transport=GuardedTransport(self.allow_private_addresses),
                 timeout=httpx.Timeout(self.timeout),
                 follow_redirects=False,
                 trust_env=False,
@@ -354,7 +354,7 @@ class WebhookSender:
                 self._http().stream("POST", url, content=data, headers=headers) as resp,
             ):
                 code = resp.status_code  # the receiver's body is never read: it could be huge
-        except _ForbiddenAddress as exc:
+        except ForbiddenAddress as exc:
             raise _Permanent(f"{exc.host} resolves to the non-public address {exc.address}") from None
         except TimeoutError:
             raise _Transient(f"no answer within {self.timeout:g} s") from None

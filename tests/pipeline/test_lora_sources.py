@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pipeline import lora_sources
+from pipeline import address_guard
 from pipeline.lora_sources import LocalLora, LoraFetcher, LoraPolicy, LoraSourceError
 
 T = TypeVar("T")
@@ -330,13 +330,13 @@ def test_every_resolved_address_is_checked(tmp_path: Path, monkeypatch: pytest.M
 def test_redirect_to_forbidden_address_refused(
     server: LoraServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = lora_sources._forbidden
+    real = address_guard.is_forbidden
 
     def forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         # the test server's own address counts as public; everything else keeps the real rule
         return False if ip == ipaddress.ip_address("127.0.0.1") else real(ip)
 
-    monkeypatch.setattr(lora_sources, "_forbidden", forbidden)
+    monkeypatch.setattr(address_guard, "is_forbidden", forbidden)
     target = "http://169.254.169.254/latest/meta-data/x.safetensors"
     url = server.serve("/r.safetensors", Route(status=302, location=target))
     start = time.monotonic()
