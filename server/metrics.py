@@ -37,10 +37,18 @@ class Metrics:
             registry=r,
         )
         self.inference = Histogram(
-            "flux2_inference_seconds", "Generation time per request", buckets=_SECONDS, registry=r
+            "flux2_inference_seconds",
+            "Generation time per request, by acceleration preset",
+            ["acceleration"],
+            buckets=_SECONDS,
+            registry=r,
         )
         self.step = Histogram(
-            "flux2_step_seconds", "Mean denoising step time per request", buckets=_SMALL_SECONDS, registry=r
+            "flux2_step_seconds",
+            "Mean denoising step time per request, by acceleration preset",
+            ["acceleration"],
+            buckets=_SMALL_SECONDS,
+            registry=r,
         )
         self.lora_switch = Histogram(
             "flux2_lora_switch_seconds",
@@ -65,8 +73,9 @@ class Metrics:
         self.requests.labels("ok" if outcome.ok else outcome.error_type or "error").inc()
         seconds = record.inference_seconds
         if outcome.ok and seconds is not None and record.params is not None:
-            self.inference.observe(seconds)
-            self.step.observe(seconds / record.params.num_inference_steps)
+            preset = record.params.acceleration
+            self.inference.labels(preset).observe(seconds)
+            self.step.labels(preset).observe(seconds / record.params.num_inference_steps)
 
     def worker_stats(self, stats: WorkerStats) -> None:
         self.stats = stats
