@@ -98,3 +98,15 @@ def test_cancel_a_running_request_stops_it(fal: fal_client.SyncClient) -> None:
     with pytest.raises(fal_client.client.FalClientHTTPError) as raised:
         handle.get()
     assert raised.value.status_code == 400
+
+
+def test_acceleration_presets(fal: fal_client.SyncClient) -> None:
+    """Every preset through the real client; on this CPU server `none` and `regular` both run eager (the
+    same image), and `high` skips blocks on some steps (another image)."""
+    body = {**FAST, "num_inference_steps": 12, "seed": 5, "sync_mode": True}
+    images = {
+        preset: fal.run(APP, {**body, "acceleration": preset})["images"][0]["url"]
+        for preset in ("none", "regular", "high")
+    }
+    assert images["none"] == images["regular"]
+    assert images["high"] != images["regular"]
