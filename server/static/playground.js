@@ -5,6 +5,13 @@
 const APP = "fal-ai/flux-2/lora";
 const MAX_LORAS = 3;
 const STEP_RE = /^step (\d+)\/(\d+)$/;
+const KEY_STORAGE = "flux2-playground-api-key"; // sessionStorage: kept across reloads, not past the tab
+const RECONNECT_MS = 2000;
+const NEEDS_KEY = ["The server needs an API key", ["Enter one in the API key field and try again."]];
+const KEY_REFUSED = [
+  "This API key is not accepted",
+  ["Check the API key field: a request answers only to the key that submitted it."],
+];
 
 const $ = (id) => document.getElementById(id);
 
@@ -24,6 +31,7 @@ const ui = {
   numImages: $("num-images"),
   acceleration: $("acceleration"),
   outputFormat: $("output-format"),
+  apiKey: $("api-key"),
   submit: $("submit"),
   cancel: $("cancel"),
   status: $("status"),
@@ -41,8 +49,46 @@ const ui = {
   serverInfo: $("server-info"),
 };
 
-// The request in flight: {submit: the submit answer, source: its EventSource, cancelled: bool}.
+// The request in flight: {submit: the submit answer, key: the API key it was sent with,
+// abort: the AbortController of its status stream, cancelled: bool}.
 let current = null;
+// Object URLs of the images shown (fetched with the key), revoked when the next run starts.
+let objectUrls = [];
+
+// ---- The API key -----------------------------------------------------------------------------------
+
+function apiKey() {
+  return ui.apiKey.value.trim();
+}
+
+// Headers for a call to this server: `extra`, plus the API key when there is one.
+function headers(key, extra = {}) {
+  return key ? { ...extra, Authorization: `Key ${key}` } : extra;
+}
+
+// The plain [title, lines] for an answer that refuses the key, or null. A 404 counts when a key was
+// sent: with keys on, a request's routes answer 404 to any key but the one that submitted it.
+function keyProblem(status, key) {
+  if (status === 401 || status === 403) return key ? KEY_REFUSED : NEEDS_KEY;
+  return status === 404 && key ? KEY_REFUSED : null;
+}
+
+function storeKey() {
+  try {
+    if (apiKey()) sessionStorage.setItem(KEY_STORAGE, apiKey());
+    else sessionStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // Storage may be disabled: the key then lasts as long as the page.
+  }
+}
+
+function restoreKey() {
+  try {
+    ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    // As above.
+  }
+}
 
 // ---- LoRA rows -------------------------------------------------------------------------------------
 
@@ -203,6 +249,8 @@ function showError(title, lines) {
 }
 
 function resetOutput() {
+  for (const url of objectUrls) URL.revokeObjectURL(url);
+  objectUrls = [];
   clearFieldMarks();
   ui.error.hidden = true;
   ui.error.replaceChildren();
@@ -214,16 +262,31 @@ function resetOutput() {
   ui.progressText.textContent = "";
 }
 
-function showResult(result, rawText, requestId) {
-  (result.images || []).forEach((image, i) => {
+// An image's URL as the page can show it: with a key, a file URL is fetched with the key and shown
+// through an object URL (an <img> cannot send headers); data URIs (sync mode) are shown as they are.
+async function imageSource(url, key) {
+  if (!key || url.startsWith("data:")) return url;
+  const response = await fetch(url, { headers: headers(key) });
+  if (!response.ok) {
+    throw Object.assign(new Error(`The server answered ${response.status}.`), { status: response.status });
+  }
+  const objectUrl = URL.createObjectURL(await response.blob());
+  objectUrls.push(objectUrl);
+  return objectUrl;
+}
+
+async function showResult(result, rawText, run) {
+  const images = result.images || [];
+  const sources = await Promise.all(images.map((image) => imageSource(image.url, run.key)));
+  images.forEach((image, i) => {
     const figure = document.createElement("figure");
     const link = document.createElement("a");
-    link.href = image.url;
+    link.href = sources[i];
     link.target = "_blank";
     link.rel = "noopener";
     const img = document.createElement("img");
     img.id = `result-image-${i}`;
-    img.src = image.url;
+    img.src = sources[i];
     img.alt = `Generated image ${i + 1}: ${result.prompt || ""}`;
     if (image.width && image.height) {
       img.width = image.width;
@@ -240,7 +303,7 @@ function showResult(result, rawText, requestId) {
   ui.resultSeed.textContent = seedMatch ? seedMatch[1] : String(result.seed ?? "");
   const seconds = result.timings && result.timings.inference;
   ui.resultTime.textContent = typeof seconds === "number" ? `${seconds.toFixed(2)} s` : "n/a";
-  ui.resultRequestId.textContent = requestId;
+  ui.resultRequestId.textContent = run.submit.request_id;
   ui.meta.hidden = false;
 }
 
@@ -255,64 +318,124 @@ async function readBody(response) {
   }
 }
 
+// Fails with the plain message (and the key field marked) when the answer refused the key, else with
+// the given error.
+function fail(status, key, title, lines) {
+  const problem = keyProblem(status, key);
+  if (problem) ui.apiKey.setAttribute("aria-invalid", "true");
+  return finish("Failed.", ...(problem || [title, lines]));
+}
+
 async function fetchResult(run, completed) {
   setStatus("Fetching the result…");
   let response;
   try {
-    response = await fetch(run.submit.response_url, { headers: { Accept: "application/json" } });
+    response = await fetch(run.submit.response_url, {
+      headers: headers(run.key, { Accept: "application/json" }),
+    });
   } catch (err) {
     return finish("Failed.", "Could not fetch the result", [String(err)]);
   }
   const { text, body } = await readBody(response);
   if (response.ok && body && typeof body === "object") {
-    showResult(body, text, run.submit.request_id);
+    try {
+      await showResult(body, text, run);
+    } catch (err) {
+      return fail(err.status, run.key, "Could not fetch the images", [String(err)]);
+    }
     const count = (body.images || []).length;
     return finish(`Done: ${count} image${count === 1 ? "" : "s"}.`);
   }
   const errorType = (body && body.error_type) || completed.error_type;
   if (errorType === "request_cancelled") return finish("Cancelled.");
-  return finish("Failed.", `The request failed (${response.status})`, errorLines(response.status, body));
+  const title = `The request failed (${response.status})`;
+  return fail(response.status, run.key, title, errorLines(response.status, body));
 }
 
 function finish(statusText, errorTitle, errorLinesList) {
-  if (current && current.source) current.source.close();
+  if (current) current.abort.abort();
   current = null;
   setBusy(false);
   setStatus(statusText);
   if (errorTitle) showError(errorTitle, errorLinesList);
 }
 
-function follow(run) {
-  const source = new EventSource(`${run.submit.status_url}/stream?logs=1`);
-  run.source = source;
-  source.addEventListener("open", () => {
-    // Each connection (a reconnect included) starts its logs from the beginning.
-    ui.logs.textContent = "";
-  });
-  source.addEventListener("message", (event) => {
-    if (current !== run) return;
-    let update;
+// Handles one status update; true once the request has completed.
+function onUpdate(run, data) {
+  let update;
+  try {
+    update = JSON.parse(data);
+  } catch {
+    return false;
+  }
+  appendLogs(update.logs);
+  if (update.status === "IN_QUEUE") {
+    const position = update.queue_position;
+    setStatus(position ? `In queue: position ${position}.` : "In queue: next in line.");
+  } else if (update.status === "IN_PROGRESS") {
+    setStatus(run.cancelled ? "Cancelling…" : "Generating…");
+  } else if (update.status === "COMPLETED") {
+    fetchResult(run, update);
+    return true;
+  }
+  return false;
+}
+
+// Reads a Server-Sent Events body as it arrives, calling onData with each event's data, until onData
+// returns true (then true) or the body ends (then false). Comments (`: ping` keep-alives) are skipped.
+async function readEvents(response, onData) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return false;
+    buffer += decoder.decode(value, { stream: true });
+    const lines = buffer.split("\n");
+    buffer = lines.pop(); // an incomplete line, kept for the next chunk
+    for (const raw of lines) {
+      const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+      if (line === "") {
+        // A blank line ends an event.
+        if (data.length && onData(data.join("\n"))) {
+          reader.cancel().catch(() => {});
+          return true;
+        }
+        data = [];
+      } else if (line.startsWith("data:")) {
+        data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+      }
+    }
+  }
+}
+
+// Follows the status stream with fetch, which (unlike EventSource) can send the API key; reconnects,
+// as EventSource would, when the connection drops before the request completes.
+async function follow(run) {
+  const url = `${run.submit.status_url}/stream?logs=1`;
+  while (current === run) {
     try {
-      update = JSON.parse(event.data);
+      const response = await fetch(url, {
+        headers: headers(run.key, { Accept: "text/event-stream" }),
+        signal: run.abort.signal,
+      });
+      if (response.ok) {
+        // Each connection (a reconnect included) starts its logs from the beginning.
+        ui.logs.textContent = "";
+        if (await readEvents(response, (data) => current === run && onUpdate(run, data))) return;
+      } else if (response.status < 500) {
+        const { body } = await readBody(response);
+        const title = `The status stream failed (${response.status})`;
+        return fail(response.status, run.key, title, errorLines(response.status, body));
+      }
     } catch {
-      return;
+      // A dropped connection, or finish() aborting the stream (then current is no longer run).
     }
-    appendLogs(update.logs);
-    if (update.status === "IN_QUEUE") {
-      const position = update.queue_position;
-      setStatus(position ? `In queue: position ${position}.` : "In queue: next in line.");
-    } else if (update.status === "IN_PROGRESS") {
-      setStatus(run.cancelled ? "Cancelling…" : "Generating…");
-    } else if (update.status === "COMPLETED") {
-      source.close();
-      fetchResult(run, update);
-    }
-  });
-  source.addEventListener("error", () => {
-    if (current === run && source.readyState !== EventSource.CLOSED) {
-      setStatus("Connection to the status stream lost; reconnecting…");
-    }
-  });
+    if (current !== run) return;
+    setStatus("Connection to the status stream lost; reconnecting…");
+    await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
+  }
 }
 
 async function submit(event) {
@@ -321,12 +444,13 @@ async function submit(event) {
   resetOutput();
   let response;
   const body = buildInput();
+  const key = apiKey();
   setBusy(true);
   setStatus("Submitting…");
   try {
     response = await fetch(`/queue/${APP}`, {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      headers: headers(key, { "Content-Type": "application/json", Accept: "application/json" }),
       body,
     });
   } catch (err) {
@@ -334,9 +458,10 @@ async function submit(event) {
   }
   const answer = await readBody(response);
   if (!response.ok || !answer.body || !answer.body.status_url) {
-    return finish("Failed.", `Submit failed (${response.status})`, errorLines(response.status, answer.body));
+    const title = `Submit failed (${response.status})`;
+    return fail(response.status, key, title, errorLines(response.status, answer.body));
   }
-  current = { submit: answer.body, source: null, cancelled: false };
+  current = { submit: answer.body, key, abort: new AbortController(), cancelled: false };
   const position = answer.body.queue_position;
   setStatus(position ? `In queue: position ${position}.` : "In queue: next in line.");
   follow(current);
@@ -349,8 +474,10 @@ async function cancel() {
   ui.cancel.disabled = true;
   setStatus("Cancelling…");
   try {
-    const response = await fetch(run.submit.cancel_url, { method: "PUT" });
+    const response = await fetch(run.submit.cancel_url, { method: "PUT", headers: headers(run.key) });
+    const problem = keyProblem(response.status, run.key);
     if (response.status === 400) setStatus("Already completed.");
+    else if (problem) showError(...problem);
   } catch (err) {
     setStatus(`Cancel failed: ${err}`);
   }
@@ -377,7 +504,10 @@ ui.cancel.addEventListener("click", cancel);
 renumberLoras();
 ui.customSize.hidden = ui.imageSize.value !== "custom";
 
-fetch("/ready")
+restoreKey();
+ui.apiKey.addEventListener("input", storeKey);
+
+fetch("/ready", { headers: headers(apiKey()) })
   .then((response) => response.json())
   .then((ready) => {
     if (!ready || !ready.model) return;

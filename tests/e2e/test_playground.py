@@ -9,6 +9,7 @@ import importlib.util
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import pytest
 from tests.live import LiveServer
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Page, Request
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -31,6 +32,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 120_000  # the first request on a fresh worker may take a while
+API_KEY = "playground-test-key"
 
 
 def browser_available() -> bool:
@@ -68,20 +70,39 @@ def browser() -> Iterator[Browser]:
             browser.close()
 
 
-@pytest.fixture
-def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
+@contextmanager
+def open_page(browser: Browser, server: LiveServer) -> Iterator[Page]:
+    """The playground in a fresh browser context (so a fresh sessionStorage); fails on JavaScript errors."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{live_server.url}/")
+    page.goto(f"{server.url}/")
     page.wait_for_selector("#gen-form")
     try:
         yield page
         assert errors == [], f"JavaScript errors on the page: {errors}"
     finally:
         context.close()
+
+
+@pytest.fixture
+def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
+    with open_page(browser, live_server) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[LiveServer]:
+    """A live server that needs `Authorization: Key <API_KEY>` on every fal route and file."""
+    env = {"FLUX2_CACHE_DIR": str(cache_dir), "FLUX2_SSE_PING_SECONDS": "1", "FLUX2_API_KEYS": API_KEY}
+    server = LiveServer(tmp_path_factory.mktemp("keyed"), "--model", "tiny", env=env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def submitted_input(page: Page) -> dict[str, Any]:
@@ -184,3 +205,75 @@ def test_cancel_a_running_request(page: Page) -> None:
     assert page.query_selector_all("#images img") == []
     assert page.text_content("#progress-text") != "step 50/50"
     assert page.is_enabled("#submit") and page.is_disabled("#cancel")
+
+
+def test_a_server_with_api_keys(browser: Browser, keyed_server: LiveServer) -> None:
+    with open_page(browser, keyed_server) as page:
+        assert page.get_attribute("#api-key", "type") == "password"
+        assert page.get_attribute("#api-key", "autocomplete") == "off"
+        page.fill("#prompt", "a lighthouse at dusk")
+        page.select_option("#image-size", "square")
+        page.fill("#steps", "4")
+
+        # No key: the submit's 401 becomes a plain message.
+        page.click("#submit")
+        page.wait_for_selector("#error", state="visible")
+        assert "The server needs an API key" in (page.text_content("#error") or "")
+        assert page.get_attribute("#api-key", "aria-invalid") == "true"
+        assert page.text_content("#status") == "Failed."
+        assert page.is_enabled("#submit") and page.is_disabled("#cancel")
+
+        # A wrong key: refused as well, in other words.
+        page.fill("#api-key", "not-the-key")
+        page.click("#submit")
+        page.wait_for_function("() => /not accepted/.test(document.querySelector('#error').textContent)")
+        assert "This API key is not accepted" in (page.text_content("#error") or "")
+        assert page.text_content("#status") == "Failed."
+
+        # The right key: kept in sessionStorage, so it survives a reload.
+        page.fill("#api-key", API_KEY)
+        page.reload()
+        page.wait_for_selector("#gen-form")
+        assert page.input_value("#api-key") == API_KEY
+        assert page.evaluate("() => sessionStorage.getItem('flux2-playground-api-key')") == API_KEY
+        page.fill("#prompt", "a lighthouse at dusk")
+        page.select_option("#image-size", "square")
+        page.fill("#steps", "4")
+
+        requests: list[Request] = []
+        page.on("request", lambda request: requests.append(request))
+        # Every step the progress text shows, as it shows it (several may arrive in one event).
+        page.evaluate(
+            """() => {
+                window.stepsSeen = [];
+                new MutationObserver((records) => {
+                    for (const record of records) {
+                        for (const node of record.addedNodes) window.stepsSeen.push(node.textContent);
+                    }
+                }).observe(document.querySelector('#progress-text'), {childList: true});
+            }"""
+        )
+        page.click("#submit")
+        page.wait_for_function(
+            "() => { const img = document.querySelector('#result-image-0');"
+            " return img && img.complete && img.naturalWidth > 0; }"
+        )
+        assert page.eval_on_selector("#result-image-0", "img => [img.naturalWidth, img.naturalHeight]") == [
+            512,
+            512,
+        ]
+        assert (page.get_attribute("#result-image-0", "src") or "").startswith("blob:")
+        assert page.eval_on_selector("#images a", "a => a.href").startswith("blob:")
+        assert page.evaluate("() => window.stepsSeen") == [f"step {n}/4" for n in range(1, 5)]
+        assert page.eval_on_selector("#progress", "p => [p.value, p.max]") == [4, 4]
+        assert "step 1/4" in (page.text_content("#logs") or "")
+        assert (page.text_content("#status") or "").startswith("Done")
+        assert page.is_hidden("#error")
+
+        # Each call to the server carried the key, the stream and the image included; no URL did.
+        for request in requests:
+            assert API_KEY not in request.url
+            if request.url.startswith(keyed_server.url):
+                assert request.all_headers().get("authorization") == f"Key {API_KEY}", request.url
+        assert any("/status/stream" in r.url for r in requests)
+        assert any("/files/" in r.url for r in requests)
