@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
+from pipeline.logs import quiet_library_noise
 from pipeline.models import ConfigError, HubModel, MemoryProfile, Quantization, TinyModel
 
 log = logging.getLogger(__name__)
@@ -21,28 +21,7 @@ _FP8_MATMUL_CAPABILITY = (8, 9)  # Ada / Hopper / Blackwell: FP8 tensor cores
 _TEXT_ENCODER_IMAGE_SIDE = ("model.vision_tower", "model.multi_modal_projector")
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, fragment: str) -> None:
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
-
-
-# diffusers 0.42 passes tokenizer options to transformers 5's apply_chat_template the old way, which warns
-# on every prompt; harmless, and it would drown the server's own log.
-logging.getLogger("transformers.processing_utils").addFilter(_DropMessage("have to be in `processor_kwargs`"))
-# diffusers looks for tensor classes older torchao versions had, to unpickle their checkpoints; we load none.
-logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(
-    _DropMessage("Unable to import `torchao` Tensor objects")
-)
-
-# torchao's FP8 tensors cannot be hashed for inductor's on-disk cache: compiles are simply not reused
-# across restarts. Said once per compile, it is not actionable.
-warnings.filterwarnings(
-    "ignore", message=r".*does not implement _stable_hash_for_caching", category=UserWarning
-)
+quiet_library_noise()  # also where configure_logging was not called (tests, scripts)
 
 
 def _quiet_progress_bars() -> None:

@@ -260,19 +260,27 @@ class LoraSlots:
         return writes
 
     def _write(self, slot: int, writes: Sequence[_Write]) -> None:
-        """Zeroes the slot, then copies each module's A and scaled B into the leading rank rows/columns."""
+        """Zeroes the slot, then copies each module's A and scaled B into the leading rank rows/columns.
+
+        Copies from pinned memory are queued without waiting (the next kernel on the stream waits for
+        them). A failure part way (out of memory, say) empties the slot: half of a LoRA is never left in it.
+        """
         params = self._params[slot]
-        with torch.no_grad():
-            for lora_A, lora_B in params.values():
-                lora_A.zero_()
-                lora_B.zero_()
-            for write in writes:
-                slot_A, slot_B = params[write.module]
-                rank = write.lora_A.shape[0]
-                slot_A[:rank].copy_(write.lora_A)
-                # Scale in float32 on the slot's device, then let copy_ round once to the slot dtype.
-                scaled_B = write.lora_B.to(device=slot_B.device, dtype=torch.float32) * write.factor
-                slot_B[:, :rank].copy_(scaled_B)
+        try:
+            with torch.no_grad():
+                for lora_A, lora_B in params.values():
+                    lora_A.zero_()
+                    lora_B.zero_()
+                for write in writes:
+                    slot_A, slot_B = params[write.module]
+                    rank = write.lora_A.shape[0]
+                    slot_A[:rank].copy_(write.lora_A, non_blocking=True)
+                    # Scale in float32 on the slot's device, then let copy_ round once to the slot dtype.
+                    source_B = write.lora_B.to(device=slot_B.device, non_blocking=True)
+                    slot_B[:, :rank].copy_(source_B.to(torch.float32) * write.factor)
+        except BaseException:
+            self._empty(slot)
+            raise
 
 
 def _listing(names: Sequence[str]) -> str:

@@ -308,8 +308,16 @@ class Scheduler:
         running = self._running
         if isinstance(message, WorkerReady):
             self.state, self.ready_info, self.failure = WorkerState.READY, message, None
-            log.warning("READY: model %r on %s (%s), loaded in %.1f s", message.model, message.device,
-                        message.dtype, message.load_seconds)  # fmt: skip
+            log.warning(
+                "READY: model %r on %s (%s, memory profile %r, %s, attention %s), loaded in %.1f s",
+                message.model,
+                message.device,
+                message.dtype,
+                message.memory_profile,
+                "compiled" if message.compiled else "eager",
+                message.attention_backend,
+                message.load_seconds,
+            )
         elif isinstance(message, WorkerStartupFailed):
             self._fail_permanently(f"the model could not be loaded: {message.message}")
         elif isinstance(message, WorkerExited):

@@ -342,6 +342,27 @@ def test_refusal_keeps_the_image(slotted: Slotted, slots: LoraSlots, parsed: dic
     assert np.array_equal(render(slotted.pipe), expected)
 
 
+def test_a_write_that_fails_part_way_empties_the_slot(
+    slots: LoraSlots, parsed: dict[str, ParsedLora], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slots.apply([(parsed["a"], 1.0), (parsed["b"], 0.5)])
+    real_copy, copies = torch.Tensor.copy_, []
+
+    def copy_then_fail(self: torch.Tensor, source: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        copies.append(1)
+        if len(copies) == 3:  # after the first module of the new LoRA went in
+            raise torch.OutOfMemoryError("simulated")
+        return real_copy(self, source, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_fail)
+    with pytest.raises(torch.OutOfMemoryError):
+        slots.apply([(parsed["c"], 1.0)])
+    monkeypatch.undo()
+    assert slots.loaded[0] is None  # not still reported as "a", nor holding a piece of "c"
+    assert all(not p.any() for pair in slots._params[0].values() for p in pair)
+    assert slots.loaded[1] == (parsed["b"].name, 0.5)  # the write never reached slot 1
+
+
 def test_too_many_loras_refused(slots: LoraSlots, parsed: dict[str, ParsedLora]) -> None:
     with pytest.raises(LoraFitError, match="at most 3"):
         slots.apply([(parsed[name], 1.0) for name in ("a", "b", "c", "a")])
