@@ -46,9 +46,10 @@ Quantization = Literal["none", "fp8", "int8", "nf4"]
 class MemoryProfile(BaseModel):
     """How the model's weights are held on a device of at least `min_device_memory_gib`.
 
-    `fp8` and `int8` quantize a component's Linear weights through torchao (`fp8`: FP8 weights and
-    activations, needs compute capability 8.9+), `nf4` through bitsandbytes (CUDA only); `none` keeps the
-    model's dtype. `offload: model` keeps components in CPU memory and moves each to the GPU while it runs.
+    `fp8` and `int8` quantize a component's Linear weights through torchao (`fp8` in the transformer also
+    runs its matmuls in FP8 where the GPU has FP8 tensor cores, compute capability 8.9+), `nf4` through
+    bitsandbytes (CUDA only); `none` keeps the model's dtype. `offload: model` keeps components in CPU
+    memory and moves each to the GPU while it runs.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
