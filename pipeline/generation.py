@@ -53,6 +53,14 @@ def pipeline_kwargs(params: GenerationParams) -> dict[str, Any]:
     }
 
 
+def _pinned(parsed: ParsedLora) -> ParsedLora:
+    """With a GPU, the cached copy lives in page-locked memory: each later switch copies it to the slots
+    asynchronously and at full bus speed, instead of through a staging buffer."""
+    if not torch.cuda.is_available():
+        return parsed
+    return replace(parsed, state_dict={key: tensor.pin_memory() for key, tensor in parsed.state_dict.items()})
+
+
 def _preset(name: str) -> Preset:
     if name not in PRESETS:
         raise InvalidInput(f"acceleration must be one of {', '.join(PRESETS)}", loc=("acceleration",))
@@ -126,7 +134,9 @@ class ImageGenerator:
         if not lora.file:
             raise RuntimeError(f"LoRA {index} reached the worker without a fetched file")
         try:
-            return self.lora_cache.get(lora.sha256, lambda: read_lora_file(Path(lora.file), lora.path))
+            return self.lora_cache.get(
+                lora.sha256, lambda: _pinned(read_lora_file(Path(lora.file), lora.path))
+            )
         except LoraFitError as exc:
             exc.index = index
             raise
