@@ -34,9 +34,5 @@ def live_server(
         "FLUX2_LORA_FOLDERS": str(lora_folder),
         "FLUX2_MAX_LORA_RANK": "16",
     }
-    server = LiveServer(tmp_path_factory.mktemp("live"), "--model", "tiny", env=env)
-    try:
-        server.wait_ready()
+    with LiveServer(tmp_path_factory.mktemp("live"), "--model", "tiny", env=env) as server:
         yield server
-    finally:
-        server.stop()

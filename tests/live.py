@@ -91,6 +91,18 @@ class LiveServer:
             time.sleep(0.2)
         raise TimeoutError(f"server not in the awaited state after {timeout} s:\n{self.log()}")
 
+    def __enter__(self) -> LiveServer:
+        """`with LiveServer(...) as server:` waits until it is ready, and stops it on the way out."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def kill(self) -> None:
         """`kill -9`: no shutdown code runs (the worker notices its parent is gone and exits)."""
         self.process.kill()

@@ -97,12 +97,18 @@ def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
 def keyed_server(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[LiveServer]:
     """A live server that needs `Authorization: Key <API_KEY>` on every fal route and file."""
     env = {"FLUX2_CACHE_DIR": str(cache_dir), "FLUX2_SSE_PING_SECONDS": "1", "FLUX2_API_KEYS": API_KEY}
-    server = LiveServer(tmp_path_factory.mktemp("keyed"), "--model", "tiny", env=env)
-    try:
-        server.wait_ready()
+    with LiveServer(tmp_path_factory.mktemp("keyed"), "--model", "tiny", env=env) as server:
         yield server
-    finally:
-        server.stop()
+
+
+def first_image_size(page: Page) -> list[int]:
+    """Waits until the first result image has loaded; its natural [width, height]."""
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#result-image-0');"
+        " return img && img.complete && img.naturalWidth > 0; }"
+    )
+    size: list[int] = page.eval_on_selector("#result-image-0", "img => [img.naturalWidth, img.naturalHeight]")
+    return size
 
 
 def submitted_input(page: Page) -> dict[str, Any]:
@@ -132,14 +138,7 @@ def test_generate_an_image(page: Page, tmp_path: Path) -> None:
     }
     assert page.is_enabled("#cancel")
 
-    page.wait_for_function(
-        "() => { const img = document.querySelector('#result-image-0');"
-        " return img && img.complete && img.naturalWidth > 0; }"
-    )
-    assert page.eval_on_selector("#result-image-0", "img => [img.naturalWidth, img.naturalHeight]") == [
-        512,
-        512,
-    ]
+    assert first_image_size(page) == [512, 512]
     assert page.text_content("#progress-text") == "step 4/4"
     assert page.eval_on_selector("#progress", "p => [p.value, p.max]") == [4, 4]
     assert page.text_content("#result-seed") == "5"
@@ -254,14 +253,7 @@ def test_a_server_with_api_keys(browser: Browser, keyed_server: LiveServer) -> N
             }"""
         )
         page.click("#submit")
-        page.wait_for_function(
-            "() => { const img = document.querySelector('#result-image-0');"
-            " return img && img.complete && img.naturalWidth > 0; }"
-        )
-        assert page.eval_on_selector("#result-image-0", "img => [img.naturalWidth, img.naturalHeight]") == [
-            512,
-            512,
-        ]
+        assert first_image_size(page) == [512, 512]
         assert (page.get_attribute("#result-image-0", "src") or "").startswith("blob:")
         assert page.eval_on_selector("#images a", "a => a.href").startswith("blob:")
         assert page.evaluate("() => window.stepsSeen") == [f"step {n}/4" for n in range(1, 5)]

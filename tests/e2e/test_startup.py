@@ -74,17 +74,13 @@ def test_model_or_checker_that_cannot_load(tmp_path: Path, cache_dir: Path, brok
 
 
 def test_json_logs_carry_the_request_id(tmp_path: Path, cache_dir: Path) -> None:
-    server = LiveServer(
+    with LiveServer(
         tmp_path / "data", "--model", "tiny", "--log-json", env={"FLUX2_CACHE_DIR": str(cache_dir)}
-    )
-    try:
-        server.wait_ready()
+    ) as server:
         response = httpx.post(
             f"{server.url}/fal-ai/flux-2", json={"prompt": "p", "image_size": "square"}, timeout=60
         )
         request_id = response.headers["x-fal-request-id"]
-    finally:
-        server.stop()
     # Every log record is one JSON line; other lines come from outside logging (multiprocessing's resource
     # tracker may print a warning at exit).
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]

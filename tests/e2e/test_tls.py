@@ -26,11 +26,9 @@ def flux2_env(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_unmodified_fal_client_script_over_https(tmp_path: Path, cache_dir: Path) -> None:
-    server = LiveServer(
+    with LiveServer(
         tmp_path / "data", "--model", "tiny", env={"FLUX2_CACHE_DIR": str(cache_dir)}, tls=True
-    )
-    try:
-        server.wait_ready()
+    ) as server:
         printed = flux2_env("--tls", "--port", str(server.port), "--data-dir", str(server.data_dir))
         assert printed.returncode == 0, printed.stderr
         variables = dict(
@@ -45,8 +43,6 @@ def test_unmodified_fal_client_script_over_https(tmp_path: Path, cache_dir: Path
         )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip().startswith(f"https://localhost:{server.port}/files/")
-    finally:
-        server.stop()
 
 
 def test_env_needs_tls(tmp_path: Path) -> None:

@@ -25,9 +25,7 @@ def worker_pid(server: LiveServer) -> int:
 
 
 def test_killed_worker_fails_only_its_request(tmp_path: Path, cache_dir: Path) -> None:
-    server = LiveServer(tmp_path / "data", "--model", "tiny", env={"FLUX2_CACHE_DIR": str(cache_dir)})
-    try:
-        server.wait_ready()
+    with LiveServer(tmp_path / "data", "--model", "tiny", env={"FLUX2_CACHE_DIR": str(cache_dir)}) as server:
         queue = f"{server.url}/queue/fal-ai/flux-2/lora"
         doomed = httpx.post(queue, json=SLOW).json()
         waiting = httpx.post(queue, json=FAST).json()
@@ -42,5 +40,3 @@ def test_killed_worker_fails_only_its_request(tmp_path: Path, cache_dir: Path) -
         assert httpx.get(waiting["response_url"]).status_code == 200  # ran on the restarted worker
         ready = httpx.get(f"{server.url}/ready").json()
         assert ready["ready"] and ready["worker_restarts"] == 1
-    finally:
-        server.stop()
