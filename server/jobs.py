@@ -74,6 +74,7 @@ class JobRecord:
     start_timeout: float | None = None  # X-Fal-Request-Timeout: seconds it may wait before starting
     timed_out: bool = False  # stopped for running past the run timeout
     webhook_url: str | None = None  # `?fal_webhook=`: told the outcome when the request completes
+    webhook_pending: bool = False  # completed, and its webhook neither delivered nor given up on yet
     owner: str | None = None  # digest of the API key that submitted it (None when keys are off)
     durable: bool = False  # kept in the job store (queue requests); sync runs live and die with their caller
     version: int = 0  # bumped on every change, so watchers can tell what they have seen
@@ -88,6 +89,7 @@ class JobRecord:
             self.started_at = now
         elif status is JobStatus.COMPLETED:
             self.finished_at = now
+            self.webhook_pending = self.webhook_url is not None  # stored with the outcome: a restart resends
         self.touch()
 
     def complete(self, outcome: Outcome, inference_seconds: float | None = None) -> None:

@@ -134,6 +134,7 @@ class Scheduler:
             self.jobs[record.request_id] = record
             if record.done:
                 self._index_files(record)
+                self._send_webhook(record)  # only if it was still pending when the server stopped
                 continue
             pending += 1
             assert record.params is not None
@@ -164,13 +165,27 @@ class Scheduler:
 
     def _announce(self, record: JobRecord) -> None:
         """A request just completed: count it, and deliver its webhook if it asked for one."""
+        assert record.outcome is not None
+        self.metrics.completed(record, record.outcome)
+        self._send_webhook(record)
+
+    def _send_webhook(self, record: JobRecord) -> None:
+        """Deliver in the background; once it arrives or is given up on, the store stops asking for it. A
+        delivery cut off by shutdown stays pending and is sent again after the restart (at least once: a
+        receiver tells repeats by `request_id`)."""
         outcome = record.outcome
-        assert outcome is not None
-        self.metrics.completed(record, outcome)
-        if record.webhook_url and self.webhooks is not None:
-            rid = record.request_id
-            body = webhook_payload(rid, rid, outcome.ok, outcome.body, None if outcome.ok else outcome.error)
-            self.webhooks.deliver(record.webhook_url, rid, body)
+        if not record.webhook_pending or not record.webhook_url or self.webhooks is None or outcome is None:
+            return
+        rid = record.request_id
+        body = webhook_payload(rid, rid, outcome.ok, outcome.body, None if outcome.ok else outcome.error)
+
+        def settled(task: asyncio.Task[bool]) -> None:
+            if task.cancelled() or self.jobs.get(rid) is not record:  # shut down, or already forgotten
+                return
+            record.webhook_pending = False
+            self._persist(record)
+
+        self.webhooks.deliver(record.webhook_url, rid, body).add_done_callback(settled)
 
     def _index_files(self, record: JobRecord) -> None:
         for name in _file_names(record):

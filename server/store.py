@@ -44,15 +44,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     logs TEXT NOT NULL,
     outcome TEXT,
     owner TEXT,
-    webhook_url TEXT
+    webhook_url TEXT,
+    webhook_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at);
 """
 
 _COLUMNS = (
     "request_id, app_id, request_input, base_url, params, priority, start_timeout, status, created_at,"
-    " started_at, finished_at, inference_seconds, logs, outcome, owner, webhook_url"
+    " started_at, finished_at, inference_seconds, logs, outcome, owner, webhook_url, webhook_pending"
 )
+_ADDED_COLUMNS = {"webhook_pending": "INTEGER NOT NULL DEFAULT 0"}  # for stores made by older versions
+_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
 
 
 class SqliteJobStore:
@@ -63,11 +66,13 @@ class SqliteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for column, definition in _ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
 
     def save(self, record: JobRecord) -> None:
-        self._db.execute(
-            f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 16)})", _row(record)
-        )
+        self._db.execute(_INSERT, _row(record))
 
     def load_all(self) -> list[JobRecord]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY created_at").fetchall()
@@ -102,12 +107,14 @@ def _row(record: JobRecord) -> tuple[Any, ...]:
         json.dumps(dataclasses.asdict(outcome)) if outcome else None,
         record.owner,
         record.webhook_url,
+        int(record.webhook_pending),
     )
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
     (request_id, app_id, request_input, base_url, params, priority, start_timeout, status, created_at,
-     started_at, finished_at, inference_seconds, logs, outcome, owner, webhook_url) = row  # fmt: skip
+     started_at, finished_at, inference_seconds, logs, outcome, owner, webhook_url,
+     webhook_pending) = row  # fmt: skip
     record = JobRecord(
         request_id=request_id,
         app_id=app_id,
@@ -125,6 +132,7 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         start_timeout=start_timeout,
         owner=owner,
         webhook_url=webhook_url,
+        webhook_pending=bool(webhook_pending),
         durable=True,
     )
     record.sync_mode = bool(record.request_input.get("sync_mode", False))

@@ -69,3 +69,22 @@ def test_retention_forgets_old_results_and_their_files(tmp_path: Path) -> None:
         assert SqliteJobStore(tmp_path / "data" / "jobs.sqlite").load_all() == []
     finally:
         gen.close()
+
+
+def test_a_store_from_before_webhook_pending_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    from server import store
+
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(store._SCHEMA.replace(",\n    webhook_pending INTEGER NOT NULL DEFAULT 0", ""))
+    old.execute(
+        "INSERT INTO jobs (request_id, app_id, request_input, base_url, priority, status, created_at, logs,"
+        " webhook_url) VALUES ('r1', 'fal-ai/flux-2', '{}', 'http://h/', 0, 'COMPLETED', 1.0, '[]', NULL)"
+    )
+    old.commit()
+    assert "webhook_pending" not in {row[1] for row in old.execute("PRAGMA table_info(jobs)")}
+    old.close()
+    (loaded,) = SqliteJobStore(path).load_all()
+    assert loaded.request_id == "r1" and loaded.webhook_pending is False

@@ -367,3 +367,30 @@ def test_submit_refuses_a_forbidden_webhook(tmp_path: Path) -> None:
             assert "fal_webhook refused" in refused.json()["detail"]
     finally:
         gen.close()
+
+
+def test_a_webhook_cut_off_by_shutdown_is_sent_after_the_restart(tmp_path: Path, receiver: Receiver) -> None:
+    from tests.server.conftest import _harness
+
+    body = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
+    receiver.fail_first, receiver.fail_status = 10**6, 503  # the receiver is down: the sender waits to retry
+    first = _harness(tmp_path, hold=False, allow_private_webhook_urls=True)
+    h = next(first)
+    accepted = h.client.post(
+        "/queue/fal-ai/flux-2/lora", params={"fal_webhook": receiver.url()}, json=body
+    ).json()
+    wait_for(lambda: len(receiver.requests) == 1)
+    first.close()  # shutdown cancels the retry
+
+    receiver.fail_first, receiver.requests = 0, []  # the receiver is back
+    for restart in range(2):
+        gen = _harness(tmp_path, hold=False, allow_private_webhook_urls=True)
+        next(gen)
+        try:
+            wait_for(lambda: len(receiver.requests) == 1)
+            time.sleep(0.3)  # no second copy: once delivered, the store stops asking for it
+            assert len(receiver.requests) == 1, restart
+        finally:
+            gen.close()
+    delivered = json.loads(receiver.requests[0].body)
+    assert (delivered["request_id"], delivered["status"]) == (accepted["request_id"], "OK")
