@@ -43,8 +43,16 @@ def load(cache_dir: Path, compile_blocks: bool) -> ImageGenerator:
         max_lora_rank=8,
         compile=compile_blocks,
         warmup_sizes=WARMUP_SIZES,
+        # Compiled, a non-default backend: it runs SDPA inside an `sdpa_kernel` context, as the cuDNN
+        # backend a GPU gets does, and that must trace into the blocks' graphs too (fullgraph).
+        attention_backend="_native_math" if compile_blocks else None,
     )
-    return load_generator(config)[0]
+    generator, ready = load_generator(config)
+    assert (
+        ready.attention_backend == generator.accelerator.attention_backend == config.attention_backend
+        or "native"
+    )
+    return generator
 
 
 def draw(generator: ImageGenerator, params: GenerationParams) -> list[np.ndarray]:
