@@ -49,8 +49,9 @@ def load(cache_dir: Path, compile_blocks: bool) -> ImageGenerator:
     )
     generator, ready = load_generator(config)
     assert (
-        ready.attention_backend == generator.accelerator.attention_backend == config.attention_backend
-        or "native"
+        ready.attention_backend
+        == generator.accelerator.attention_backend
+        == (config.attention_backend or "native")
     )
     return generator
 
