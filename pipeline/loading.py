@@ -102,6 +102,7 @@ def _source_folder(spec: HubModel | TinyModel, cache_dir: Path) -> tuple[str, di
 class LoadedPipeline:
     pipe: Flux2Pipeline
     device: torch.device
+    dtype: torch.dtype  # the compute dtype (quantized weights are computed in it too)
     profile: MemoryProfile
 
 
@@ -133,4 +134,4 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
     if offload:
         pipe.enable_model_cpu_offload(device=device)
-    return LoadedPipeline(pipe, device, profile)
+    return LoadedPipeline(pipe, device, _DTYPES[spec.dtype], profile)

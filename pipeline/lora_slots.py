@@ -68,6 +68,7 @@ class LoraSlots:
     `skip_empty` (eager execution): only the filled slots run, since an empty one would cost a rank-R
     matmul pair per layer to add exact zeros; the image is the same bit for bit. A compiled transformer
     keeps every slot active instead (`skip_empty=False`), so its graph never changes and never recompiles.
+    `dtype`: the slots' dtype (the model's compute dtype); None keeps what peft chose.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class LoraSlots:
         max_rank: int = 128,
         *,
         skip_empty: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be at least 1")
@@ -112,6 +114,12 @@ class LoraSlots:
         for name, module in transformer.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
+            if dtype is not None:
+                # peft makes adapters on quantized layers (4-bit weights) in float32: twice the memory,
+                # and float32 matmuls in every layer. Converted in place: the Parameter objects stay.
+                for slot in self.slot_names:
+                    module.lora_A[slot].to(dtype)
+                    module.lora_B[slot].to(dtype)
             self._layers.append(module)
             base = module.get_base_layer()
             assert isinstance(base, torch.nn.Linear)

@@ -83,7 +83,11 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     compile_blocks = device.type == "cuda" if config.compile is None else config.compile
     # Compiled: every slot stays active, so swaps never change the graph; eager: empty slots are skipped.
     slots = LoraSlots(
-        pipe.transformer, config.lora_slots, config.max_lora_rank, skip_empty=not compile_blocks
+        pipe.transformer,
+        config.lora_slots,
+        config.max_lora_rank,
+        skip_empty=not compile_blocks,
+        dtype=loaded.dtype,
     )
     accelerator = Accelerator(pipe.transformer)
     accelerator.set_attention_backend(choose_attention_backend(device, config.attention_backend))
