@@ -291,8 +291,8 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in [TABLE_HEADER, *rows]) for i in range(len(TABLE_HEADER))]
 
     def line(cells: tuple[str, ...]) -> str:
-        padded = [cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(
-            zip(cells, widths, strict=True))]  # fmt: skip
+        first, *numbers = zip(cells, widths, strict=True)  # a name, then right-aligned figures
+        padded = [first[0].ljust(first[1]), *(cell.rjust(width) for cell, width in numbers)]
         return "| " + " | ".join(padded) + " |"
 
     print(line(TABLE_HEADER))
@@ -303,35 +303,12 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print(line(row))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--reduced", action="store_true", help="the small CPU transformer, even with CUDA")
-    parser.add_argument("--steps", type=int, default=28, help="transformer calls per generation")
-    parser.add_argument("--size", type=int, help="image side in pixels (1024; reduced: 256)")
-    parser.add_argument("--max-rank", type=int, default=128, help="LoRA slot rank (the server's default)")
-    parser.add_argument("--repeats", type=int, help="timed runs per preset (3; reduced: 2)")
-    parser.add_argument("--switches", type=int, help="timed LoRA switch cycles (5)")
-    parser.add_argument("--json", type=Path, help="also write the numbers here as JSON")
-    args = parser.parse_args()
-
-    mode = REDUCED if args.reduced or not torch.cuda.is_available() else FULL
-    size = args.size or mode.size
-    repeats = args.repeats or mode.repeats
-    switches = args.switches or mode.switches
-    steps = args.steps
-    if size <= 0 or size % PATCH:
-        parser.error(f"--size must be a positive multiple of {PATCH}")
-    if min(steps, repeats, switches) < 1 or args.max_rank < LORA_RANK:
-        parser.error(f"--steps, --repeats and --switches must be at least 1, --max-rank at least {LORA_RANK}")
-    if mode is REDUCED and not args.reduced:
-        print("no CUDA device: running the reduced transformer on the CPU")
+def measure(mode: Mode, size: int, steps: int, repeats: int, switches: int, max_rank: int) -> dict[str, Any]:
+    """Every measurement of the benchmark, in the order the module docstring gives, as JSON-ready data."""
     device = mode.device
-
     reset_peak(device)
     started = time.perf_counter()
-    transformer, slots, params = build(mode, args.max_rank)
+    transformer, slots, params = build(mode, max_rank)
     synchronize(device)
     load_seconds = time.perf_counter() - started
     load_peak = peak(device)
@@ -364,34 +341,32 @@ def main() -> None:
             run.blocks_run.append(blocks_run)
             run.finite &= finite
         run.peak_bytes = peak(device)
-    graphs_after = unique_graphs() - graphs_before
 
     per_step = {name: statistics.median(run.seconds) / steps for name, run in runs.items()}
     config: Any = transformer.config
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
-    tokens = (size // PATCH) ** 2
-    dtype = str(mode.dtype).removeprefix("torch.")
-    result: dict[str, Any] = {
+    return {
         "mode": mode.name,
-        "device": device_name,
+        "device": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        ),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
-        "dtype": dtype,
+        "dtype": str(mode.dtype).removeprefix("torch."),
         "attention_backend": accelerator.attention_backend,
         "params": params,
         "slot_params": slot_params,
         "double_blocks": config.num_layers,
         "single_blocks": config.num_single_layers,
+        "heads": config.num_attention_heads,
+        "head_dim": config.attention_head_dim,
         "size": size,
-        "image_tokens": tokens,
+        "image_tokens": (size // PATCH) ** 2,
         "text_tokens": mode.text_tokens,
         "steps": steps,
         "repeats": repeats,
-        "max_rank": args.max_rank,
+        "max_rank": max_rank,
         "lora_rank": LORA_RANK,
         "load_seconds": load_seconds,
         "load_peak_bytes": load_peak,
@@ -399,7 +374,7 @@ def main() -> None:
         "compile_seconds": first_step - warm_step,
         "compile_peak_bytes": compile_peak,
         "compiled_graphs": graphs_compiled,
-        "graphs_after_presets": graphs_after,
+        "graphs_after_presets": unique_graphs() - graphs_before,
         "presets": {
             name: {
                 "seconds_per_step": per_step[name],
@@ -417,44 +392,83 @@ def main() -> None:
         },
     }
 
+
+def report(r: dict[str, Any]) -> None:
+    """What was measured, then the table, then warnings for anything that would make the numbers wrong."""
     print(
-        f"device: {device_name} | mode: {mode.name} | torch {torch.__version__}"
-        f" | diffusers {diffusers.__version__} | attention backend: {accelerator.attention_backend}"
+        f"device: {r['device']} | mode: {r['mode']} | torch {r['torch']} | diffusers {r['diffusers']}"
+        f" | attention backend: {r['attention_backend']}"
     )
     print(
-        f"transformer: {amount(params)} parameters ({config.num_layers} double + {config.num_single_layers}"
-        f" single blocks, {config.num_attention_heads} heads x {config.attention_head_dim}) in {dtype};"
-        f" LoRA slots: {NUM_SLOTS} x rank {args.max_rank}, {amount(slot_params)} parameters"
+        f"transformer: {amount(r['params'])} parameters ({r['double_blocks']} double + {r['single_blocks']}"
+        f" single blocks, {r['heads']} heads x {r['head_dim']}) in {r['dtype']}; LoRA slots: {NUM_SLOTS} x"
+        f" rank {r['max_rank']}, {amount(r['slot_params'])} parameters"
     )
-    print(f"{size}x{size} -> {tokens} image tokens, {mode.text_tokens} text tokens, batch 1 | {steps} steps,"
-          f" median of {repeats} runs a preset | graphs compiled: {graphs_compiled}, after every preset and"
-          f" LoRA switch: {graphs_after}")  # fmt: skip
+    print(
+        f"{r['size']}x{r['size']} -> {r['image_tokens']} image tokens, {r['text_tokens']} text tokens,"
+        f" batch 1 | {r['steps']} steps, median of {r['repeats']} runs a preset | graphs compiled:"
+        f" {r['compiled_graphs']}, after every preset and LoRA switch: {r['graphs_after_presets']}"
+    )
     rows: list[tuple[str, ...]] = [
-        ("load: transformer + LoRA slots", f"{load_seconds:.1f} s", "", "", gib(load_peak)),
-        ("compile: first `regular` step - a warm one", f"{first_step - warm_step:.1f} s", "", "",
-         gib(compile_peak)),
-    ]  # fmt: skip
-    for name, run in runs.items():
-        blocks = "/".join(str(n) for n in sorted(set(run.blocks_run)))
-        speedup = f"{per_step['none'] / per_step[name]:.2f}x"
-        row = (
-            f"`{name}`: s/step",
-            f"{per_step[name]:.4f} s",
-            speedup,
-            f"{blocks} of {steps}",
-            gib(run.peak_bytes),
+        ("load: transformer + LoRA slots", f"{r['load_seconds']:.1f} s", "", "", gib(r["load_peak_bytes"])),
+        (
+            "compile: first `regular` step - a warm one",
+            f"{r['compile_seconds']:.1f} s",
+            "",
+            "",
+            gib(r["compile_peak_bytes"]),
+        ),
+    ]
+    for name, numbers in r["presets"].items():
+        blocks = "/".join(str(n) for n in sorted(set(numbers["blocks_run"])))
+        rows.append(
+            (
+                f"`{name}`: s/step",
+                f"{numbers['seconds_per_step']:.4f} s",
+                f"{numbers['speedup_vs_none']:.2f}x",
+                f"{blocks} of {r['steps']}",
+                gib(numbers["peak_bytes"]),
+            )
         )
-        rows.append(row)
-    for switch, samples in switch_times.items():
-        median = statistics.median(samples)
-        rows.append((f"LoRA switch {switch} (3 x rank {LORA_RANK})", f"{median * 1e3:.1f} ms", "", "", ""))
+    for switch, times in r["lora_switch_seconds"].items():
+        rows.append(
+            (f"LoRA switch {switch} (3 x rank {LORA_RANK})", f"{times['median'] * 1e3:.1f} ms", "", "", "")
+        )
     print()
     print_table(rows)
-    if graphs_after != graphs_compiled:
-        print(f"WARNING: {graphs_after - graphs_compiled} more graphs compiled after the warm-up: recompiles")
-    for name, run in runs.items():
-        if not run.finite:
+    if r["graphs_after_presets"] != r["compiled_graphs"]:
+        extra = r["graphs_after_presets"] - r["compiled_graphs"]
+        print(f"WARNING: {extra} more graphs compiled after the warm-up: recompiles")
+    for name, numbers in r["presets"].items():
+        if not numbers["finite"]:
             print(f"WARNING: `{name}` produced non-finite latents")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reduced", action="store_true", help="the small CPU transformer, even with CUDA")
+    parser.add_argument("--steps", type=int, default=28, help="transformer calls per generation")
+    parser.add_argument("--size", type=int, help="image side in pixels (1024; reduced: 256)")
+    parser.add_argument("--max-rank", type=int, default=128, help="LoRA slot rank (the server's default)")
+    parser.add_argument("--repeats", type=int, help="timed runs per preset (3; reduced: 2)")
+    parser.add_argument("--switches", type=int, help="timed LoRA switch cycles (5)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here as JSON")
+    args = parser.parse_args()
+
+    mode = REDUCED if args.reduced or not torch.cuda.is_available() else FULL
+    size = args.size or mode.size
+    repeats = args.repeats or mode.repeats
+    switches = args.switches or mode.switches
+    if size <= 0 or size % PATCH:
+        parser.error(f"--size must be a positive multiple of {PATCH}")
+    if min(args.steps, repeats, switches) < 1 or args.max_rank < LORA_RANK:
+        parser.error(f"--steps, --repeats and --switches must be at least 1, --max-rank at least {LORA_RANK}")
+    if mode is REDUCED and not args.reduced:
+        print("no CUDA device: running the reduced transformer on the CPU")
+    result = measure(mode, size, args.steps, repeats, switches, args.max_rank)
+    report(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
