@@ -10,7 +10,6 @@ failed, were lost or duplicated; all but "completed" must be 0.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.config import Settings  # noqa: E402
-from tests.live import LiveServer  # noqa: E402
+from tests.live import LiveServer, lost_and_duplicated  # noqa: E402
 
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
 
@@ -69,15 +68,14 @@ def run(n: int, kill_after: int, data_dir: Path) -> FaultReport:
     finally:
         restarted.stop()
     completed = sum(r.status_code == 200 and len(r.json()["images"]) == 1 for r in results)
-    with sqlite3.connect(data_dir / "jobs.sqlite") as db:
-        rows = [row[0] for row in db.execute("SELECT request_id FROM jobs")]
+    lost, duplicated = lost_and_duplicated(data_dir, n, ids)
     return FaultReport(
         submitted=n,
         completed_before_kill=len(done),
         completed=completed,
         failed=sum(r.status_code != 200 for r in results),
-        lost=len(set(ids) - set(rows)),
-        duplicated=len(rows) - len(set(rows)) + len(set(rows) - set(ids)),
+        lost=lost,
+        duplicated=duplicated,
         recovery_seconds=recovery,
     )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.config import Settings  # noqa: E402
-from tests.live import LiveServer  # noqa: E402
+from tests.live import LiveServer, lost_and_duplicated  # noqa: E402
 
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
 
@@ -81,8 +80,7 @@ def run(n: int, clients: int, data_dir: Path) -> LoadReport:
         drain = time.monotonic() - started
     finally:
         server.stop()
-    with sqlite3.connect(data_dir / "jobs.sqlite") as db:
-        rows = [row[0] for row in db.execute("SELECT request_id FROM jobs")]
+    lost, duplicated = lost_and_duplicated(data_dir, n, ids)
     quantiles = statistics.quantiles(latencies, n=100)
     return LoadReport(
         submitted=len(ids),
@@ -91,8 +89,8 @@ def run(n: int, clients: int, data_dir: Path) -> LoadReport:
         submit_p99_ms=quantiles[98] * 1e3,
         completed=sum(code == 200 for code in codes.values()),
         failed=sum(code != 200 for code in codes.values()),
-        lost=n - len(set(ids) & set(rows)),
-        duplicated=(len(ids) - len(set(ids))) + (len(rows) - len(set(rows))) + len(set(rows) - set(ids)),
+        lost=lost,
+        duplicated=duplicated,
         drain_seconds=drain,
     )
 

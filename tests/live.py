@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -117,6 +118,16 @@ class LiveServer:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+def lost_and_duplicated(data_dir: Path, submitted: int, ids: list[str]) -> tuple[int, int]:
+    """What a server's job store says about `submitted` requests whose submits answered `ids`: how many are
+    missing from it, and how many ids appear more than once or were never handed out."""
+    with sqlite3.connect(data_dir / "jobs.sqlite") as db:
+        rows = [row[0] for row in db.execute("SELECT request_id FROM jobs")]
+    lost = submitted - len(set(ids) & set(rows))
+    duplicated = (len(ids) - len(set(ids))) + (len(rows) - len(set(rows))) + len(set(rows) - set(ids))
+    return lost, duplicated
 
 
 def node_available() -> bool:
