@@ -32,8 +32,9 @@ Preset = Literal["none", "regular", "high"]
 PRESETS: tuple[Preset, ...] = ("none", "regular", "high")
 
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-# Exact attention kernels, fastest first; approximate ones (SageAttention's int8) are never picked alone.
-_CUDA_BACKENDS = ("_flash_3", "flash", "_native_cudnn")
+# Exact attention kernels from their own packages, fastest first; then cuDNN's, then PyTorch's SDPA.
+# Approximate ones (SageAttention's int8) are never picked unasked.
+_FLASH_BACKENDS = ("_flash_3", "flash")
 
 # TaylorSeer in FLUX.2's terms (see the module docstring).
 _CACHE_INTERVAL = 3
@@ -69,17 +70,15 @@ def choose_attention_backend(device: torch.device, requested: str | None = None)
         return requested
     if device.type != "cuda":
         return "native"
-    for name in _CUDA_BACKENDS:
-        if name == "_native_cudnn":
-            cudnn = torch.backends.cudnn.is_available()  # type: ignore[no-untyped-call]
-            if cudnn and torch.cuda.get_device_capability(device) >= (8, 0):  # cuDNN's fused attention
-                return name
-            continue
+    for name in _FLASH_BACKENDS:
         try:
             _check_attention_backend_requirements(AttentionBackendName(name))
-        except RuntimeError:
+        except RuntimeError:  # its package is not installed
             continue
         return name
+    cudnn = torch.backends.cudnn.is_available()  # type: ignore[no-untyped-call]
+    if cudnn and torch.cuda.get_device_capability(device) >= (8, 0):  # cuDNN's fused attention
+        return "_native_cudnn"
     return "native"
 
 
