@@ -63,11 +63,9 @@ RUN useradd --create-home --uid 1000 --user-group flux \
     && chown -R flux:flux /data /cache
 
 WORKDIR /app
-COPY models.yaml /app/models.yaml
 
 # 0.0.0.0: reachable through `-p`; the port stays the server's default (8000, FLUX2_PORT to change it).
 ENV FLUX2_HOST=0.0.0.0 \
-    FLUX2_MODELS_FILE=/app/models.yaml \
     FLUX2_DATA_DIR=/data \
     FLUX2_CACHE_DIR=/cache/flux2 \
     HF_HOME=/cache/huggingface

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
-from pipeline.logs import quiet_library_noise
 from pipeline.models import ConfigError, HubModel, MemoryProfile, Quantization, TinyModel
 
 log = logging.getLogger(__name__)
@@ -19,9 +18,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _FP8_MATMUL_CAPABILITY = (8, 9)  # Ada / Hopper / Blackwell: FP8 tensor cores
 _TEXT_ENCODER_IMAGE_SIDE = ("model.vision_tower", "model.multi_modal_projector")
-
-
-quiet_library_noise()  # also where configure_logging was not called (tests, scripts)
 
 
 def _quiet_progress_bars() -> None:

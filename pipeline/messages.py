@@ -1,6 +1,7 @@
 """The wire between the HTTP side and the GPU worker.
 
-Small typed messages, one direction each, carried over multiprocessing queues. This module imports
+Everything the spawned worker receives (its `WorkerConfig` at start, then `Job`s) and everything it sends
+back: small typed messages, one direction each, carried over multiprocessing queues. This module imports
 neither torch nor FastAPI, so both sides can depend on it; everything in it must stay picklable.
 """
 
@@ -8,8 +9,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
+
+from pipeline.models import Registry
 
 # --- server -> worker ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the worker process is started with: the model to load and how to run it."""
+
+    registry: Registry
+    model_name: str | None  # None: the worker picks flux2-dev if it sees CUDA, else tiny
+    cache_dir: Path
+    lora_slots: int = 3
+    max_lora_rank: int = 128
+    lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
+    prompt_cache_bytes: int = 1024**3  # text-encoder outputs kept on the device
+    compile: bool | None = None  # compile the transformer's blocks for `regular`/`high`; None: on CUDA only
+    warmup_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) compiled for at startup
+    attention_backend: str | None = None  # a diffusers backend name; None: the fastest exact one available
+    memory_profile: str | None = None  # a profile of the model's entry in models.yaml; None: by device memory
+    log_level: str = "info"
+    log_json: bool = False
 
 
 @dataclass(frozen=True)

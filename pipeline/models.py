@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+PACKAGED_REGISTRY = Path(__file__).with_name("models.yaml")  # shipped with the package: found from anywhere
+
 Dtype = Literal["bfloat16", "float16", "float32"]
 Device = Literal["auto", "cuda", "cpu"]
 

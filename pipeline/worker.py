@@ -11,9 +11,7 @@ import multiprocessing
 import queue
 import time
 import traceback
-from dataclasses import dataclass
 from multiprocessing.queues import Queue
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.logs import configure_logging
@@ -26,11 +24,11 @@ from pipeline.messages import (
     Shutdown,
     StepProgress,
     ToWorker,
+    WorkerConfig,
     WorkerReady,
     WorkerStartupFailed,
     WorkerStats,
 )
-from pipeline.models import Registry
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import SynchronizedString
@@ -40,23 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PARENT_CHECK_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    registry: Registry
-    model_name: str | None  # None: the worker picks flux2-dev if it sees CUDA, else tiny
-    cache_dir: Path
-    lora_slots: int = 3
-    max_lora_rank: int = 128
-    lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
-    prompt_cache_bytes: int = 1024**3  # text-encoder outputs kept on the device
-    compile: bool | None = None  # compile the transformer's blocks for `regular`/`high`; None: on CUDA only
-    warmup_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) compiled for at startup
-    attention_backend: str | None = None  # a diffusers backend name; None: the fastest exact one available
-    memory_profile: str | None = None  # a profile of the model's entry in models.yaml; None: by device memory
-    log_level: str = "info"
-    log_json: bool = False
 
 
 def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:

@@ -37,7 +37,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,21 +44,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import pipeline  # noqa: F401  # first: importing it silences the noise diffusers makes at import
 
-from pipeline.logs import quiet_library_noise  # noqa: E402
+# isort: split
+import diffusers
+import torch
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from torch._dynamo.utils import counters
 
-quiet_library_noise()  # before the libraries below say it at import
-
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
-
-from pipeline.acceleration import PRESETS, Accelerator, Preset, choose_attention_backend  # noqa: E402
-from pipeline.lora_slots import LoraSlots, ParsedLora  # noqa: E402
-from tests.loras import linear_shapes  # noqa: E402
+from pipeline.acceleration import PRESETS, Accelerator, Preset, choose_attention_backend
+from pipeline.lora_slots import LoraSlots, ParsedLora
+from pipeline.testing import linear_shapes
 
 GiB = 1024**3
 NUM_SLOTS = 3  # the server's default

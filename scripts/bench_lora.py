@@ -22,7 +22,6 @@ import asyncio
 import re
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -33,25 +32,21 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import safetensors.torch
+import torch
+from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from diffusers.utils import logging as diffusers_logging
+from peft import LoraConfig
 
-import numpy as np  # noqa: E402
-import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
-from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel  # noqa: E402
-from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-
-from pipeline.lora_cache import LoraMemoryCache  # noqa: E402
-from pipeline.lora_formats import read_lora_file  # noqa: E402
-from pipeline.lora_slots import LoraSlots, ParsedLora  # noqa: E402
-from pipeline.lora_sources import LocalLora, LoraFetcher, LoraPolicy  # noqa: E402
-from pipeline.tiny import ensure_tiny_pipeline  # noqa: E402
-from server.config import Settings  # noqa: E402
-from tests.loras import linear_shapes, write_lora  # noqa: E402
-from tests.tiny import load_tiny, render  # noqa: E402
+from pipeline.lora_cache import LoraMemoryCache
+from pipeline.lora_formats import read_lora_file
+from pipeline.lora_slots import LoraSlots, ParsedLora
+from pipeline.lora_sources import LocalLora, LoraFetcher, LoraPolicy
+from pipeline.testing import linear_shapes, load_tiny, render, write_lora
+from pipeline.tiny import ensure_tiny_pipeline
+from server.config import Settings
 
 MB = 1024**2
 TINY_RANKS = {"style16": 16, "detail32": 32, "light64": 64}  # adapter names must not be nn.Module attributes

@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import fal_client
+import fal_client.client
+import torch
 
-import fal_client  # noqa: E402
-import fal_client.client  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline.generation import pipeline_kwargs  # noqa: E402
-from pipeline.images import encode_image  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.schemas import Flux2LoraInput  # noqa: E402
-from tests.live import LiveServer  # noqa: E402
-from tests.tiny import load_tiny  # noqa: E402
+from pipeline.generation import pipeline_kwargs
+from pipeline.images import encode_image
+from pipeline.testing import load_tiny
+from server.config import Settings
+from server.schemas import Flux2LoraInput
+from server.testing import LiveServer
 
 APP = "fal-ai/flux-2/lora"
 

@@ -9,10 +9,7 @@ The server builds it on first use by itself (into FLUX2_CACHE_DIR); this is for 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.tiny import build_tiny_pipeline
 

@@ -4,12 +4,13 @@ Submits N queue requests to a live server (tiny model), kills it with SIGKILL on
 starts it again on the same data folder and port, and waits for every request. Prints how many completed,
 failed, were lost or duplicated; all but "completed" must be 0.
 
-    .venv/bin/python scripts/fault_kill9.py [-n 20] [--kill-after 5]
+    .venv/bin/python scripts/fault_kill9.py [-n 20] [--kill-after 5] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -18,11 +19,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from server.config import Settings  # noqa: E402
-from tests.live import LiveServer, lost_and_duplicated  # noqa: E402
+from server.config import Settings
+from server.testing import LiveServer, lost_and_duplicated
 
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
 
@@ -86,11 +84,14 @@ def main() -> None:
     )
     parser.add_argument("-n", type=int, default=20)
     parser.add_argument("--kill-after", type=int, default=5, help="completed requests before the kill")
+    parser.add_argument("--json", type=Path, help="also write the report to this file as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
         report = run(args.n, args.kill_after, Path(data_dir))
     for field, value in vars(report).items():
         print(f"{field:22} {value:.1f}" if isinstance(value, float) else f"{field:22} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(vars(report)))
     sys.exit(0 if report.completed == report.submitted else 1)
 
 

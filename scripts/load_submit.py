@@ -3,13 +3,14 @@
 N submits from C concurrent clients, then every request is followed to its result. Prints the submit
 latency (p50, p99), throughput, and the counts of lost, failed and duplicated requests (all must be 0).
 
-    .venv/bin/python scripts/load_submit.py [-n 500] [-c 50]
+    .venv/bin/python scripts/load_submit.py [-n 500] [-c 50] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -19,11 +20,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from server.config import Settings  # noqa: E402
-from tests.live import LiveServer, lost_and_duplicated  # noqa: E402
+from server.config import Settings
+from server.testing import LiveServer, lost_and_duplicated
 
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
 
@@ -101,11 +99,14 @@ def main() -> None:
     )
     parser.add_argument("-n", type=int, default=500, help="submits")
     parser.add_argument("-c", type=int, default=50, help="concurrent clients")
+    parser.add_argument("--json", type=Path, help="also write the report to this file as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
         report = run(args.n, args.c, Path(data_dir))
     for field, value in vars(report).items():
         print(f"{field:15} {value:.1f}" if isinstance(value, float) else f"{field:15} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(vars(report)))
     sys.exit(0 if report.completed == report.submitted == args.n else 1)
 
 

@@ -51,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
     for command in (serve, generate, download):
         command.add_argument(
-            "--config", type=Path, dest="models_file", help="the model registry (default models.yaml)"
+            "--config",
+            type=Path,
+            dest="models_file",
+            help="a model registry (default: models.yaml, shipped with the package)",
         )
     for command in (serve, generate):
         command.add_argument(

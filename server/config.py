@@ -1,21 +1,48 @@
 """Server settings: command-line flags over `FLUX2_*` environment variables over defaults.
 
-Built once at startup; a bad value stops the server with a message that names the variable.
+pydantic-settings reads and parses the variables; this module adds only what it does not do: list
+variables split on `,` (names) or `:` (folders), `auto` for the tri-state `compile`, and errors that name
+the variable or flag that was wrong. Built once at startup.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from pipeline.lora_sources import LoraPolicy
-from pipeline.models import Registry
-from pipeline.worker import WorkerConfig
+from pipeline.messages import WorkerConfig
+from pipeline.models import PACKAGED_REGISTRY, Registry
 from server.schemas import PRESET_SIZES
 
 ENV_PREFIX = "FLUX2_"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _split(separator: str) -> Callable[[Any], Any]:
+    """A list variable: `a,b` (or `a:b` for folders); empty parts are dropped. Flags arrive as tuples."""
+
+    def split(value: Any) -> Any:
+        return (
+            tuple(part.strip() for part in value.split(separator) if part.strip())
+            if isinstance(value, str)
+            else value
+        )
+
+    return split
+
+
+def _auto_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
 
 def _default_cache_dir() -> Path:
@@ -23,22 +50,31 @@ def _default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "flux2-lora-server"
 
 
-@dataclass(frozen=True)
-class Settings:
-    models_file: Path = Path("models.yaml")
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]  # `~/x` works in variables as in a shell
+Names = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split(","))]
+Folders = Annotated[tuple[UserPath, ...], NoDecode, BeforeValidator(_split(os.pathsep))]
+
+
+class Settings(BaseSettings):
+    # An empty variable counts as unset; a misspelt flag (a keyword argument) is an error.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid"
+    )
+
+    models_file: UserPath = PACKAGED_REGISTRY  # the registry shipped with the package; --config for another
     model: str | None = None  # None: flux2-dev with CUDA, tiny without
     host: str = "127.0.0.1"
     port: int = 8000
-    data_dir: Path = Path("data")  # generated files (and, later, the job store)
-    cache_dir: Path = field(default_factory=_default_cache_dir)  # built tiny models
+    data_dir: UserPath = Path("data")  # generated files, the job store, the TLS CA
+    cache_dir: UserPath = Field(default_factory=_default_cache_dir)  # built tiny models, downloaded LoRAs
     public_url: str | None = None  # base of file and queue URLs, when clients reach us through a proxy
     sse_ping_seconds: float = 15.0
     log_level: str = "info"
     log_json: bool = False  # one JSON object per log line
     tls: bool = False  # HTTPS, with a local CA kept in the data folder
-    tls_hosts: tuple[str, ...] = ()  # names the certificate covers, besides localhost and this host's name
+    tls_hosts: Names = ()  # names the certificate covers, besides localhost and this host's name
     # LoRAs
-    lora_folders: tuple[Path, ...] = ()  # local LoRA paths are allowed only under these (os.pathsep list)
+    lora_folders: Folders = ()  # local LoRA paths are allowed only under these (os.pathsep list)
     allow_private_lora_urls: bool = False  # loopback / private / link-local LoRA URLs (SSRF guard off)
     allow_private_webhook_urls: bool = False  # the same for `?fal_webhook=` targets
     max_lora_rank: int = 128  # slot size; a LoRA of higher rank is refused
@@ -46,8 +82,8 @@ class Settings:
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
     prompt_cache_max_bytes: int = 1024**3  # text-encoder outputs kept on the device for repeated prompts
-    api_keys: tuple[str, ...] = ()  # FLUX2_API_KEYS=key1,key2: when set, every fal route needs one
-    api_keys_file: Path | None = None  # or one key per line in a file
+    api_keys: Names = ()  # FLUX2_API_KEYS=key1,key2: when set, every fal route needs one
+    api_keys_file: UserPath | None = None  # or one key per line in a file
     result_ttl_seconds: float = 7 * 24 * 3600.0  # completed requests and their files are kept this long
     # Limits
     max_queue: int = 1000  # requests waiting (queued or fetching LoRAs); more are answered 429
@@ -55,21 +91,20 @@ class Settings:
     max_body_bytes: int = 1024**2  # request bodies (413 above)
     max_header_bytes: int = 16 * 1024  # request target and headers (431 above)
     # Acceleration
-    compile: bool | None = None  # compile for `regular`/`high` (auto: on CUDA only; CPU compiles are slow)
+    compile: Annotated[bool | None, BeforeValidator(_auto_is_none)] = None  # None (auto): on CUDA only
     attention_backend: str | None = None  # a diffusers attention backend; unset: the fastest exact one
     memory_profile: str | None = None  # one of the model's memory_profiles; unset: chosen by device memory
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Defaults, then `FLUX2_<FIELD>` variables, then explicit overrides (flags) that are not None."""
-        env = os.environ if env is None else env
-        values: dict[str, object] = {}
-        for f in fields(cls):
-            key = ENV_PREFIX + f.name.upper()
-            if key in env:
-                values[f.name] = _parse(key, env[key], str(f.type))
-        values.update({name: value for name, value in overrides.items() if value is not None})
-        return cls(**values)  # type: ignore[arg-type]
+    def load(cls, env: Mapping[str, str] | None = None, **flags: object) -> Settings:
+        """Defaults, then `FLUX2_<FIELD>` variables (of `env`, os.environ by default), then the flags that
+        are not None."""
+        variables = _Variables(cls, os.environ if env is None else env)()
+        given = {name: value for name, value in flags.items() if value is not None}
+        try:
+            return cls.model_validate({**variables, **given})
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc, given)) from None
 
     @property
     def files_dir(self) -> Path:
@@ -116,42 +151,28 @@ class Settings:
         )
 
 
-class SettingsError(ValueError):
-    pass
+class _Variables(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of os.environ (so tests and
+    the Dockerfile check can ask what a set of variables would give)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], variables: Mapping[str, str]) -> None:
+        self._variables = variables
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._variables, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
 
 
-_BOOLS = {
-    "1": True,
-    "true": True,
-    "yes": True,
-    "on": True,
-    "0": False,
-    "false": False,
-    "no": False,
-    "off": False,
-}
-
-
-def _parse(key: str, raw: str, type_name: str) -> object:
-    if type_name.startswith("bool"):
-        word = raw.strip().lower()
-        if "None" in type_name and word in ("", "auto"):
-            return None
-        if word not in _BOOLS:
-            also = ", or auto" if "None" in type_name else ""
-            raise SettingsError(f"{key}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off{also})")
-        return _BOOLS[word]
-    if type_name.startswith("tuple[Path"):
-        return tuple(Path(part).expanduser() for part in raw.split(os.pathsep) if part)
-    if type_name.startswith("tuple[str"):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
-    try:
-        if type_name.startswith("Path"):
-            return Path(raw).expanduser()
-        if type_name == "int":
-            return int(raw)
-        if type_name == "float":
-            return float(raw)
-    except ValueError:
-        raise SettingsError(f"{key}={raw!r} is not a valid {type_name}") from None
-    return raw or None if "None" in type_name else raw
+def _describe(exc: ValidationError, flags: Mapping[str, object]) -> str:
+    """pydantic's errors, each under the variable (or flag) the bad value came from."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        source = f"--{field.replace('_', '-')}" if field in flags else ENV_PREFIX + field.upper()
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{source} is not a setting")
+        else:
+            problems.append(f"{source}={error['input']!r}: {error['msg']}")
+    return "; ".join(problems)

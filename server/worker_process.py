@@ -15,8 +15,8 @@ from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
 from typing import Any
 
-from pipeline.messages import FromWorker, Job, Shutdown
-from pipeline.worker import WorkerConfig, run_worker
+from pipeline.messages import FromWorker, Job, Shutdown, WorkerConfig
+from pipeline.worker import run_worker
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
-from tests.live import LiveServer
+from server.testing import LiveServer
 
 
 @pytest.fixture(scope="session")

@@ -412,7 +412,7 @@ def image_settings(stage: Stage) -> Settings:
 
 
 def test_every_flux2_variable_is_a_setting(stage: Stage) -> None:
-    names = {ENV_PREFIX + name.upper() for name in Settings.__dataclass_fields__}
+    names = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
     unknown = {k for k in stage.env if k.startswith(ENV_PREFIX)} - names
     assert not unknown, f"Settings ignores these (typo?): {unknown}"
 
@@ -490,10 +490,13 @@ def test_volumes_hold_everything_the_server_writes(stage: Stage) -> None:
         assert any(volume == c or Path(c) in Path(volume).parents for c in chowned), f"{volume} not chowned"
 
 
-def test_models_file_is_the_projects(stage: Stage) -> None:
-    models_file = stage.env.get("FLUX2_MODELS_FILE")
-    assert models_file, "FLUX2_MODELS_FILE: the registry must not depend on the container's working folder"
-    assert (str(Settings().models_file), models_file) in copies(stage)
+def test_the_registry_comes_with_the_installed_package(stage: Stage) -> None:
+    """Not from the container's working folder: the default registry is package data of a copied package."""
+    registry = Settings().models_file.resolve()
+    package = registry.parent.relative_to(ROOT).as_posix()
+    assert registry.is_file() and package in dict(copies(stage))
+    assert registry.name in PYPROJECT["tool"]["setuptools"]["package-data"][package]
+    assert "FLUX2_MODELS_FILE" not in stage.env
 
 
 # --- the build context -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import fal_client
 import fal_client.client
 import pytest
 
-from tests.live import LiveServer
+from server.testing import LiveServer
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 
 from pipeline.generation import pipeline_kwargs
+from pipeline.testing import load_tiny
 from server.schemas import Flux2LoraInput
-from tests.live import LiveServer
-from tests.tiny import load_tiny
+from server.testing import LiveServer
 
 REQUEST = {
     "prompt": "a lighthouse on a cliff at dusk",

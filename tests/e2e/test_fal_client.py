@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.live import LiveServer
+from server.testing import LiveServer
 
 APP = "fal-ai/flux-2/lora"
 FAST = {"prompt": "a red bicycle", "image_size": "square", "num_inference_steps": 4}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.live import LiveServer
+from server.testing import LiveServer
 
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
 

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.live import JS_DIR, LiveServer, node_available
+from server.testing import LiveServer
+from tests.node import JS_DIR, node_available
 
 SCENARIOS = ["subscribe", "stream", "queue", "run", "validation", "cancel", "proxy"]
 

@@ -17,9 +17,9 @@ import pytest
 from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 from PIL import Image
 
+from pipeline.testing import linear_shapes, write_lora
 from pipeline.tiny import ensure_tiny_pipeline
-from tests.live import LiveServer
-from tests.loras import linear_shapes, write_lora
+from server.testing import LiveServer
 
 BASE = {"prompt": "a harbour at noon", "image_size": "square", "num_inference_steps": 4, "seed": 3}
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.live import LiveServer
+from server.testing import LiveServer
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, Request

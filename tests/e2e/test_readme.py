@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import JS_DIR, LiveServer, node_available
+from server.testing import LiveServer
+from tests.node import JS_DIR, node_available
 
 ROOT = Path(__file__).resolve().parents[2]
 README_ADDRESS = "http://127.0.0.1:8000"

@@ -5,30 +5,31 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.live import ROOT, LiveServer
+from server.testing import LiveServer, installed_command
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "server.cli", "serve", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+def serve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The installed command, run from a folder of its own (never the repository)."""
+    return subprocess.run(
+        [installed_command(), "serve", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_bad_models_yaml_names_the_field(tmp_path: Path) -> None:
     config = tmp_path / "models.yaml"
     config.write_text("models:\n  tiny:\n    source: tiny\n    dtype: float64\n")
-    run = serve("--config", str(config), "--model", "tiny")
+    run = serve("--config", str(config), "--model", "tiny", cwd=tmp_path)
     assert run.returncode == 2
     assert "models.tiny.tiny.dtype" in run.stderr
 
 
 def test_unknown_model(tmp_path: Path) -> None:
-    run = serve("--model", "flux3")
+    run = serve("--model", "flux3", cwd=tmp_path)
     assert run.returncode == 2
     assert "unknown model 'flux3'" in run.stderr
 

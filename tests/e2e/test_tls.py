@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.live import ROOT, LiveServer
+from server.testing import LiveServer, installed_command
 
 SCRIPT = """
 import fal_client
@@ -20,16 +20,19 @@ print(result["images"][0]["url"])
 """
 
 
-def flux2_env(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "server.cli", "env", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+def flux2_env(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [installed_command(), "env", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_unmodified_fal_client_script_over_https(tmp_path: Path, cache_dir: Path) -> None:
     with LiveServer(
         tmp_path / "data", "--model", "tiny", env={"FLUX2_CACHE_DIR": str(cache_dir)}, tls=True
     ) as server:
-        printed = flux2_env("--tls", "--port", str(server.port), "--data-dir", str(server.data_dir))
+        printed = flux2_env(
+            "--tls", "--port", str(server.port), "--data-dir", str(server.data_dir), cwd=tmp_path
+        )
         assert printed.returncode == 0, printed.stderr
         variables = dict(
             line.removeprefix("export ").split("#")[0].strip().split("=", 1)
@@ -46,6 +49,6 @@ def test_unmodified_fal_client_script_over_https(tmp_path: Path, cache_dir: Path
 
 
 def test_env_needs_tls(tmp_path: Path) -> None:
-    printed = flux2_env("--data-dir", str(tmp_path))
+    printed = flux2_env("--data-dir", str(tmp_path), cwd=tmp_path)
     assert printed.returncode == 2
     assert "--tls" in printed.stderr

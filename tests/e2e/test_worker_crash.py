@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.live import LiveServer
+from server.testing import LiveServer
 
 SLOW = {"prompt": "a lighthouse", "image_size": "square_hd", "num_inference_steps": 50}
 FAST = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}

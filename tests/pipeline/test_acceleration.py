@@ -23,10 +23,10 @@ from torch._dynamo.utils import counters
 from pipeline.acceleration import choose_attention_backend, step_cache_config
 from pipeline.errors import InvalidInput
 from pipeline.generation import ImageGenerator
-from pipeline.messages import GenerationParams, LoraRequest
+from pipeline.messages import GenerationParams, LoraRequest, WorkerConfig
 from pipeline.models import load_registry
-from pipeline.worker import WorkerConfig, load_generator
-from tests.loras import linear_shapes, write_lora
+from pipeline.testing import linear_shapes, write_lora
+from pipeline.worker import load_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = GenerationParams(

@@ -20,8 +20,7 @@ from pipeline.messages import GenerationParams, LoraRequest
 from pipeline.models import TinySafetyChecker
 from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.safety import SafetyChecker
-from tests.loras import linear_shapes, write_lora
-from tests.tiny import load_tiny
+from pipeline.testing import linear_shapes, load_tiny, write_lora
 
 PARAMS = GenerationParams(
     prompt="a kite", width=512, height=512, num_inference_steps=4, guidance_scale=2.5, seed=5

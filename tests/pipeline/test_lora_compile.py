@@ -26,8 +26,7 @@ from torch._dynamo.utils import counters
 from pipeline.acceleration import Accelerator
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraSlots, ParsedLora
-from tests.loras import linear_shapes, write_lora
-from tests.tiny import load_tiny, render
+from pipeline.testing import linear_shapes, load_tiny, render, write_lora
 
 MAX_RANK = 16
 

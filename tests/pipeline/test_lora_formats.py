@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
-from tests.tiny import load_tiny, render
+from pipeline.testing import load_tiny, render
 
 ATOL = 1e-4  # [0, 1] images in float32: see REFERENCE_ATOL in test_lora_slots.py
 RANK = 4

@@ -18,8 +18,8 @@ from peft.utils import get_peft_model_state_dict
 
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
+from pipeline.testing import load_tiny, render
 from pipeline.tiny import ensure_tiny_pipeline
-from tests.tiny import load_tiny, render
 
 # Tolerance for images in [0, 1] that must agree up to float32 rounding. The slots compute
 # (B * alpha/r * scale) @ (A @ x) at rank 128 with zero padding; diffusers computes

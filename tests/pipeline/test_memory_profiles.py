@@ -17,10 +17,10 @@ from torch._dynamo.utils import counters
 
 from pipeline.generation import ImageGenerator
 from pipeline.loading import load_pipeline
-from pipeline.messages import GenerationParams, LoraRequest
+from pipeline.messages import GenerationParams, LoraRequest, WorkerConfig
 from pipeline.models import ConfigError, Registry, load_registry
-from pipeline.worker import WorkerConfig, load_generator
-from tests.loras import linear_shapes, write_lora
+from pipeline.testing import linear_shapes, write_lora
+from pipeline.worker import load_generator
 
 PARAMS = GenerationParams(
     prompt="a lighthouse at dusk", width=512, height=512, num_inference_steps=12, guidance_scale=2.5, seed=7

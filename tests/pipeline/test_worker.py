@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.messages import WorkerConfig
 from pipeline.models import load_registry
-from pipeline.worker import WorkerConfig, load_generator
+from pipeline.worker import load_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 

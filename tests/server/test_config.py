@@ -45,3 +45,15 @@ def test_false_is_false(raw: str) -> None:
 def test_bad_values_name_the_variable(key: str, raw: str) -> None:
     with pytest.raises(SettingsError, match=key):
         Settings.load(env={key: raw})
+
+
+def test_paths_expand_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    settings = Settings.load(env={"FLUX2_DATA_DIR": "~/data", "FLUX2_LORA_FOLDERS": "~/a:/b"})
+    assert settings.data_dir == Path("/home/someone/data")
+    assert settings.lora_folders == (Path("/home/someone/a"), Path("/b"))
+
+
+def test_the_registry_is_found_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Settings.load(env={}).models_file.is_file()

@@ -1,10 +1,14 @@
-"""A live `flux2-server serve` in a subprocess, as a user starts it; for tests and benchmarks."""
+"""A live `flux2-server serve`, started the way a user starts it: for the tests and the scripts alike.
+
+The installed console script runs in a subprocess from the server's own data folder (so nothing depends
+on the repository being the working directory), on a free loopback port.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -13,11 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_SECONDS = 300
-JS_DIR = ROOT / "tests" / "js"
 
 
 def free_port() -> int:
@@ -27,8 +28,17 @@ def free_port() -> int:
         return port
 
 
+def installed_command() -> str:
+    """The `flux2-server` console script of the running Python's environment."""
+    command = shutil.which("flux2-server", path=str(Path(sys.executable).parent))
+    if command is None:
+        raise RuntimeError(f"flux2-server is not installed beside {sys.executable} (pip install -e .)")
+    return command
+
+
 class LiveServer:
-    """`flux2-server serve` in a subprocess, as a user starts it."""
+    """`flux2-server serve` in a subprocess; `with LiveServer(...) as server:` waits until it is ready and
+    stops it on the way out."""
 
     def __init__(
         self,
@@ -46,20 +56,11 @@ class LiveServer:
         args = (*args, "--tls") if tls else args
         self.log_path = data_dir / "server.log"
         data_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(self.port),
-            "--data-dir",
-            str(data_dir),
-        ]
+        command = [installed_command(), "serve", "--port", str(self.port), "--data-dir", str(data_dir)]
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [*command, *args],
-            cwd=ROOT,
+            cwd=data_dir,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -93,7 +94,6 @@ class LiveServer:
         raise TimeoutError(f"server not in the awaited state after {timeout} s:\n{self.log()}")
 
     def __enter__(self) -> LiveServer:
-        """`with LiveServer(...) as server:` waits until it is ready, and stops it on the way out."""
         try:
             self.wait_ready()
         except BaseException:
@@ -123,17 +123,10 @@ class LiveServer:
 def lost_and_duplicated(data_dir: Path, submitted: int, ids: list[str]) -> tuple[int, int]:
     """What a server's job store says about `submitted` requests whose submits answered `ids`: how many are
     missing from it, and how many ids appear more than once or were never handed out."""
+    import sqlite3
+
     with sqlite3.connect(data_dir / "jobs.sqlite") as db:
         rows = [row[0] for row in db.execute("SELECT request_id FROM jobs")]
     lost = submitted - len(set(ids) & set(rows))
     duplicated = (len(ids) - len(set(ids))) + (len(rows) - len(set(rows))) + len(set(rows) - set(ids))
     return lost, duplicated
-
-
-def node_available() -> bool:
-    """Whether the JS client tests can run; in CI they must."""
-    if (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
-        return True
-    if os.environ.get("CI"):
-        pytest.fail("CI must run the JS client tests: scripts/setup installs tests/js with npm")
-    return False
