@@ -43,10 +43,10 @@ from peft import LoraConfig
 from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraSlots, ParsedLora
-from pipeline.lora_sources import LocalLora, LoraFetcher, LoraPolicy
 from pipeline.testing import linear_shapes, load_tiny, render, write_lora
 from pipeline.tiny import ensure_tiny_pipeline
 from server.config import Settings
+from server.fetch.lora_fetcher import LocalLora, LoraFetcher, LoraPolicy
 
 MB = 1024**2
 TINY_RANKS = {"style16": 16, "detail32": 32, "light64": 64}  # adapter names must not be nn.Module attributes

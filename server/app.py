@@ -9,12 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pipeline.lora_sources import LoraFetcher
 from pipeline.models import Registry
 from server import openapi
 from server.auth import KeyRing
 from server.config import Settings
 from server.errors import FalHTTPError, handle_fal_error
+from server.fetch.lora_fetcher import LoraFetcher
 from server.files import FileStore
 from server.metrics import Metrics
 from server.middleware import FalRoutingMiddleware, SizeLimitMiddleware
@@ -46,7 +46,7 @@ def create_app(
     """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
     files = FileStore(settings.files_dir)
     fetcher = LoraFetcher(settings.lora_policy())
-    metrics = Metrics(fetcher)
+    metrics = Metrics(fetcher.cache)
     store = SqliteJobStore(settings.job_store_path)
     webhooks = WebhookSender(
         WebhookSigner(settings.data_dir / "keys"), allow_private_addresses=settings.allow_private_webhook_urls

@@ -16,9 +16,9 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
-from pipeline.lora_sources import LoraPolicy
 from pipeline.messages import WorkerConfig
 from pipeline.models import PACKAGED_REGISTRY, Registry
+from server.fetch.lora_fetcher import LoraPolicy
 from server.schemas import PRESET_SIZES
 
 ENV_PREFIX = "FLUX2_"

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Any
 
-from pipeline.lora_sources import LocalLora
 from pipeline.messages import GenerationParams
 from server.errors import Outcome
+from server.fetch.lora_fetcher import LocalLora
 
 
 class JobStatus(StrEnum):

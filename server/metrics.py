@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pipeline.lora_sources import LoraFetcher
 from pipeline.messages import WorkerStats
 from server.errors import Outcome
+from server.fetch.disk_cache import DiskCache
 from server.jobs import JobRecord
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
@@ -23,7 +23,7 @@ _SMALL_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 
 class Metrics:
-    def __init__(self, fetcher: LoraFetcher) -> None:
+    def __init__(self, disk_cache: DiskCache) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -60,7 +60,7 @@ class Metrics:
             "flux2_worker_restarts", "GPU worker restarts after a crash", registry=r
         )
         self.stats: WorkerStats | None = None
-        r.register(_CacheCollector(fetcher, lambda: self.stats))
+        r.register(_CacheCollector(disk_cache, lambda: self.stats))
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -83,20 +83,20 @@ class Metrics:
 
 
 class _CacheCollector(Collector):
-    """Cumulative figures kept by the LoRA fetcher (disk cache) and reported by the worker."""
+    """Cumulative figures kept by the LoRA disk cache and reported by the worker."""
 
-    def __init__(self, fetcher: LoraFetcher, stats: Callable[[], WorkerStats | None]) -> None:
-        self.fetcher = fetcher
+    def __init__(self, disk: DiskCache, stats: Callable[[], WorkerStats | None]) -> None:
+        self.disk = disk
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
         events = {
-            "hits": ("LoRA cache hits", self.fetcher.hits, stats.lora_memory_hits if stats else 0),
-            "misses": ("LoRA cache misses", self.fetcher.misses, stats.lora_memory_misses if stats else 0),
+            "hits": ("LoRA cache hits", self.disk.hits, stats.lora_memory_hits if stats else 0),
+            "misses": ("LoRA cache misses", self.disk.misses, stats.lora_memory_misses if stats else 0),
             "evictions": (
                 "LoRA cache evictions",
-                self.fetcher.evictions,
+                self.disk.evictions,
                 stats.lora_memory_evictions if stats else 0,
             ),
         }

@@ -15,10 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.lora_sources import LoraFetcher, LoraSourceError
 from pipeline.models import HubModel, Registry, TinyModel
 from server.config import Settings
 from server.errors import validation_errors
+from server.fetch.errors import LoraSourceError
+from server.fetch.lora_fetcher import LoraFetcher
 from server.schemas import Flux2LoraInput
 
 

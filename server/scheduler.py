@@ -14,7 +14,6 @@ from dataclasses import replace
 from enum import StrEnum
 from typing import Protocol
 
-from pipeline.lora_sources import LoraFetcher, LoraSourceError
 from pipeline.messages import (
     FailureKind,
     FromWorker,
@@ -28,6 +27,8 @@ from pipeline.messages import (
     WorkerStats,
 )
 from server.errors import Outcome, failure_outcome, input_error, request_error, worker_lost
+from server.fetch.errors import LoraSourceError
+from server.fetch.lora_fetcher import LoraFetcher
 from server.jobs import JobRecord, JobStatus, Priority
 from server.metrics import Metrics
 from server.outputs import OutputBuilder

@@ -6,9 +6,10 @@ A queue submit may carry ``?fal_webhook=URL``; when the request completes, the s
 headers, so receivers written for fal (which fetch the public keys as a JWKS) verify ours unchanged once
 pointed at this server's ``/.well-known/jwks.json``.
 
-The URL is chosen by the client, so it is an SSRF vector: it is checked at submit time (``check_url``) and
-again at every connection, through ``pipeline.lora_sources``' guarded transport, which connects only to the
-address it checked (no DNS rebinding), ignores environment proxies, and here follows no redirects.
+The URL is chosen by the client, so it is an SSRF vector: it is checked at submit time (``check_url``)
+and again at every connection, through ``server.fetch.address_guard``'s guarded transport, which connects
+only to the address it checked (no DNS rebinding), ignores environment proxies, and here follows no
+redirects.
 This module imports neither torch nor FastAPI.
 """
 
@@ -33,7 +34,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pipeline.address_guard import ForbiddenAddress, GuardedTransport, is_forbidden, literal_ip
+from server.fetch.address_guard import ForbiddenAddress, GuardedTransport, is_forbidden, literal_ip
 
 __all__ = ["KEY_FILE_NAME", "WebhookSender", "WebhookSigner", "webhook_payload"]
 

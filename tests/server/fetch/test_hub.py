@@ -1,0 +1,66 @@
+"""LoRAs from the Hugging Face Hub, offline: from its cache, or a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from server.fetch.lora_fetcher import LoraFetcher
+from tests.server.fetch.lora_server import (
+    fetch,
+    fetch_error,
+    lora_bytes,
+    policy,
+)
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hf-hub"
+    hub.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    return hub
+
+
+def _cache_repo(hub: Path, repo: str, files: dict[str, bytes]) -> None:
+    """Lay out a repo in the Hub cache the way huggingface_hub does (refs/main -> snapshot)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = hub / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        target = root / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def test_hub_repo_offline_and_not_cached_is_a_clear_error(tmp_path: Path, offline_hub: Path) -> None:
+    for path in ["nobody-here/no-such-lora", "nobody-here/no-such-lora/sub/x.safetensors"]:
+        start = time.monotonic()
+        err = fetch_error(LoraFetcher(policy(tmp_path)), [path])
+        assert time.monotonic() - start < 2
+        assert err.index == 0 and path in err.message and "HF_HUB_OFFLINE" in err.message, err.message
+
+
+def test_hub_repo_from_the_offline_cache(tmp_path: Path, offline_hub: Path) -> None:
+    one, two = lora_bytes(tmp_path, 40), lora_bytes(tmp_path, 41)
+    _cache_repo(offline_hub, "someone/one-lora", {"lora.safetensors": one, "README.md": b"hi"})
+    _cache_repo(offline_hub, "someone/two-loras", {"a.safetensors": one, "sub/b.safetensors": two})
+    (lora,) = fetch(LoraFetcher(policy(tmp_path)), ["someone/one-lora"])
+    assert lora.sha256 == hashlib.sha256(one).hexdigest() and lora.file.name == "lora.safetensors"
+    err = fetch_error(LoraFetcher(policy(tmp_path)), ["someone/two-loras"])
+    assert "2 .safetensors files" in err.message and "sub/b.safetensors" in err.message
+    (picked,) = fetch(LoraFetcher(policy(tmp_path)), ["someone/two-loras/sub/b.safetensors"])
+    assert picked.sha256 == hashlib.sha256(two).hexdigest()
+
+
+def test_hub_file_must_be_safetensors(tmp_path: Path, offline_hub: Path) -> None:
+    err = fetch_error(LoraFetcher(policy(tmp_path)), ["someone/repo/readme.md"])
+    assert "must name a .safetensors file" in err.message
