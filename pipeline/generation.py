@@ -17,7 +17,7 @@ from pipeline.images import encode_image
 from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
-from pipeline.messages import GenerationParams, JobSucceeded, LoraRequest
+from pipeline.messages import GenerationParams, Job, JobSucceeded, ResolvedLora
 from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.safety import SafetyChecker
 
@@ -119,7 +119,7 @@ class ImageGenerator:
 
         return self.prompt_cache.get(key, encode)
 
-    def apply_loras(self, loras: tuple[LoraRequest, ...]) -> None:
+    def apply_loras(self, loras: tuple[ResolvedLora, ...]) -> None:
         """Puts the request's LoRAs into the slots (and empties the others); a refusal changes no slot."""
         started = time.perf_counter()
         try:
@@ -130,12 +130,10 @@ class ImageGenerator:
             loc: tuple[str | int, ...] = ("loras",) if exc.index is None else ("loras", exc.index, "path")
             raise InvalidInput(str(exc), loc=loc) from exc
 
-    def _parsed(self, index: int, lora: LoraRequest) -> ParsedLora:
-        if not lora.file:
-            raise RuntimeError(f"LoRA {index} reached the worker without a fetched file")
+    def _parsed(self, index: int, lora: ResolvedLora) -> ParsedLora:
         try:
             return self.lora_cache.get(
-                lora.sha256, lambda: _pinned(read_lora_file(Path(lora.file), lora.path))
+                lora.sha256, lambda: _pinned(read_lora_file(Path(lora.file), lora.source))
             )
         except LoraFitError as exc:
             exc.index = index
@@ -158,10 +156,9 @@ class ImageGenerator:
                     output_type="latent",
                 )
 
-    def generate(
-        self, request_id: str, params: GenerationParams, on_step: StepCallback, cancelled: CancelCheck
-    ) -> JobSucceeded:
-        self.apply_loras(params.loras)
+    def generate(self, job: Job, on_step: StepCallback, cancelled: CancelCheck) -> JobSucceeded:
+        self.apply_loras(job.loras)
+        params = job.params
         if params.enable_prompt_expansion:
             params = replace(params, prompt=self.expand_prompt(params.prompt, params.seed))
         total = params.num_inference_steps
@@ -190,7 +187,7 @@ class ImageGenerator:
         else:
             flagged = [False] * len(images)
         return JobSucceeded(
-            request_id=request_id,
+            request_id=job.request_id,
             images=tuple(encode_image(image, params.output_format) for image in images),
             seed=params.seed,
             prompt=params.prompt,

@@ -36,14 +36,15 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
-class LoraRequest:
-    """One entry of `loras`. The HTTP side fetches it before the job is queued and fills in `file` (a local
-    safetensors file it checked) and `sha256`; the worker reads nothing else."""
+class ResolvedLora:
+    """A LoRA of the request, fetched by the HTTP side: a local safetensors file it checked, the file's
+    content hash (the worker's cache key), and the request's scale. `source` is the path the request gave,
+    for messages."""
 
-    path: str
-    scale: float = 1.0
-    file: str = ""
-    sha256: str = ""
+    file: str
+    sha256: str
+    scale: float
+    source: str
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,15 @@ class GenerationParams:
     acceleration: str = "regular"
     enable_safety_checker: bool = True
     enable_prompt_expansion: bool = False
-    loras: tuple[LoraRequest, ...] = ()
 
 
 @dataclass(frozen=True)
 class Job:
+    """One request for the worker: it can only be made with LoRAs already fetched."""
+
     request_id: str
     params: GenerationParams
+    loras: tuple[ResolvedLora, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def _run_job(
 
     started = time.perf_counter()
     try:
-        return generator.generate(job.request_id, job.params, on_step, cancelled)
+        return generator.generate(job, on_step, cancelled)
     except PipelineError as exc:
         kind, message, loc = exc.kind, exc.message, exc.loc
     except torch.OutOfMemoryError as exc:

@@ -74,5 +74,6 @@ async def new_record(app_id: str, request: Request) -> JobRecord:
         record.outcome = invalid_body(exc)
         return record
     record.params = validated.to_params()
+    record.loras = validated.lora_requests()
     record.sync_mode = validated.sync_mode
     return record

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Any
 
-from pipeline.messages import GenerationParams
+from pipeline.messages import GenerationParams, Job
 from server.errors import Outcome
-from server.fetch.lora_fetcher import LocalLora
+from server.fetch.lora_fetcher import LocalLora, LoraRequest, resolved
 
 
 class JobStatus(StrEnum):
@@ -61,6 +61,7 @@ class JobRecord:
     request_input: dict[str, Any]
     base_url: str  # this server's URL as the client reached it, for absolute file URLs
     params: GenerationParams | None = None  # None when the input failed validation
+    loras: tuple[LoraRequest, ...] = ()  # as requested; fetched before the request is queued
     sync_mode: bool = False
     priority: Priority = Priority.NORMAL
     status: JobStatus = JobStatus.IN_QUEUE
@@ -70,7 +71,7 @@ class JobRecord:
     inference_seconds: float | None = None
     logs: list[LogEntry] = field(default_factory=list)
     outcome: Outcome | None = None
-    fetched_loras: list[LocalLora] = field(default_factory=list)  # pinned in the LoRA cache until done
+    fetched_loras: list[LocalLora] = field(default_factory=list)  # `loras` on disk, pinned until done
     start_timeout: float | None = None  # X-Fal-Request-Timeout: seconds it may wait before starting
     timed_out: bool = False  # stopped for running past the run timeout
     webhook_url: str | None = None  # `?fal_webhook=`: told the outcome when the request completes
@@ -116,6 +117,11 @@ class JobRecord:
         except TimeoutError:
             return False
         return True
+
+    def job(self) -> Job:
+        """What the worker runs: the request with its LoRAs as the fetch stage resolved them."""
+        assert self.params is not None, "an invalid request never runs"
+        return Job(self.request_id, self.params, resolved(self.loras, self.fetched_loras))
 
     @property
     def done(self) -> bool:

@@ -15,11 +15,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.messages import Job
 from pipeline.models import HubModel, Registry, TinyModel
 from server.config import Settings
 from server.errors import validation_errors
 from server.fetch.errors import LoraSourceError
-from server.fetch.lora_fetcher import LoraFetcher
+from server.fetch.lora_fetcher import LocalLora, LoraFetcher, resolved
 from server.schemas import Flux2LoraInput
 
 
@@ -44,18 +45,13 @@ def generate(settings: Settings, registry: Registry, body: dict[str, Any], outpu
         for error in validation_errors(exc):
             print(f"flux2-server: {'.'.join(map(str, error['loc'][1:]))}: {error['msg']}", file=sys.stderr)
         return 2
-    params = request.to_params()
-    if params.loras:
-        try:
-            fetched = asyncio.run(_fetch([lora.path for lora in params.loras], settings))
-        except LoraSourceError as exc:
-            print(f"flux2-server: {exc.message}", file=sys.stderr)
-            return 2
-        loras = tuple(
-            replace(lora, file=str(local.file), sha256=local.sha256)
-            for lora, local in zip(params.loras, fetched, strict=True)
-        )
-        params = replace(params, loras=loras)
+    params, requested = request.to_params(), request.lora_requests()
+    try:
+        fetched = asyncio.run(_fetch([lora.path for lora in requested], settings)) if requested else []
+    except LoraSourceError as exc:
+        print(f"flux2-server: {exc.message}", file=sys.stderr)
+        return 2
+    loras = resolved(requested, fetched)
     # One image: compile only when its preset runs compiled, and warm nothing up front (it would compile
     # the same graphs as the image itself).
     config = replace(settings.worker_config(registry), warmup_sizes=())
@@ -66,7 +62,7 @@ def generate(settings: Settings, registry: Registry, body: dict[str, Any], outpu
     with tqdm(total=params.num_inference_steps, unit="step", desc="generating") as bar:
         try:
             result = generator.generate(
-                "cli", params, lambda step, total: bar.update(step - bar.n), lambda: False
+                Job("cli", params, loras), lambda step, total: bar.update(step - bar.n), lambda: False
             )
         except PipelineError as exc:
             print(f"\nflux2-server: {exc.message}", file=sys.stderr)
@@ -79,7 +75,7 @@ def generate(settings: Settings, registry: Registry, body: dict[str, Any], outpu
     return 0
 
 
-async def _fetch(paths: list[str], settings: Settings) -> list[Any]:
+async def _fetch(paths: list[str], settings: Settings) -> list[LocalLora]:
     fetcher = LoraFetcher(settings.lora_policy())
     try:
         return await fetcher.fetch_all(paths)

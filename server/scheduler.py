@@ -138,9 +138,6 @@ class Scheduler:
                 self._send_webhook(record)  # only if it was still pending when the server stopped
                 continue
             pending += 1
-            assert record.params is not None
-            loras = tuple(replace(lora, file="", sha256="") for lora in record.params.loras)  # fetched anew
-            record.params = replace(record.params, loras=loras)
             record.status, record.started_at = JobStatus.IN_QUEUE, None
             record.log("requeued after a server restart", level="WARN")
             if record.start_timeout is not None:  # its start deadline keeps counting from acceptance
@@ -204,7 +201,7 @@ class Scheduler:
         assert record.params is not None
         if record.start_timeout is not None:
             self._call_later(record.start_timeout, self._start_expired, record)
-        if record.params.loras:  # fetched here, off the GPU's path; queued once the files are local
+        if record.loras:  # fetched here, off the GPU's path; queued once the files are local
             self._fetching[record.request_id] = asyncio.create_task(self._fetch_loras(record))
             return
         self._enqueue(record)
@@ -217,8 +214,7 @@ class Scheduler:
         self._dispatch()
 
     async def _fetch_loras(self, record: JobRecord) -> None:
-        assert record.params is not None
-        loras = record.params.loras
+        loras = record.loras
         record.log(f"fetching {len(loras)} LoRA{'s' if len(loras) > 1 else ''}")
         try:
             fetched = await self.loras.fetch_all([lora.path for lora in loras])
@@ -229,11 +225,6 @@ class Scheduler:
         finally:
             self._fetching.pop(record.request_id, None)
         record.fetched_loras = fetched
-        resolved = tuple(
-            replace(lora, file=str(local.file), sha256=local.sha256)
-            for lora, local in zip(loras, fetched, strict=True)
-        )
-        record.params = replace(record.params, loras=resolved)
         self._enqueue(record)
 
     def queue_position(self, record: JobRecord) -> int | None:
@@ -318,7 +309,7 @@ class Scheduler:
         if self.run_timeout is not None:
             self._call_later(self.run_timeout, self._run_expired, record)
         log.info("started", extra={"request_id": record.request_id})
-        self._worker.submit(Job(record.request_id, record.params))
+        self._worker.submit(record.job())
 
     def _on_message(self, message: FromWorker | WorkerExited) -> None:
         running = self._running

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pipeline.messages import GenerationParams, LoraRequest
+from pipeline.messages import GenerationParams
+from server.fetch.lora_fetcher import LoraRequest
 
 ImageSizePreset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
@@ -86,14 +87,19 @@ class Flux2Input(BaseModel):
             acceleration=self.acceleration,
             enable_safety_checker=self.enable_safety_checker,
             enable_prompt_expansion=self.enable_prompt_expansion,
-            loras=tuple(LoraRequest(lora.path, lora.scale) for lora in getattr(self, "loras", ())),
         )
+
+    def lora_requests(self) -> tuple[LoraRequest, ...]:
+        return ()
 
 
 class Flux2LoraInput(Flux2Input):
     """The body of `POST fal-ai/flux-2/lora`."""
 
     loras: list[LoraWeight] = Field(default_factory=list, max_length=3)
+
+    def lora_requests(self) -> tuple[LoraRequest, ...]:
+        return tuple(LoraRequest(lora.path, lora.scale) for lora in self.loras)
 
 
 def _round_side(pixels: int) -> int:

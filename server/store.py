@@ -15,8 +15,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.messages import GenerationParams, LoraRequest
+from pipeline.messages import GenerationParams
 from server.errors import Outcome
+from server.fetch.lora_fetcher import LoraRequest
 from server.jobs import JobRecord, JobStatus, LogEntry, Priority
 
 
@@ -95,7 +96,7 @@ def _row(record: JobRecord) -> tuple[Any, ...]:
         record.app_id,
         json.dumps(record.request_input),
         record.base_url,
-        json.dumps(dataclasses.asdict(record.params)) if record.params else None,
+        _params_json(record),
         int(record.priority),
         record.start_timeout,
         record.status.value,
@@ -121,6 +122,7 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
         request_input=json.loads(request_input),
         base_url=base_url,
         params=_params(json.loads(params)) if params else None,
+        loras=_loras(json.loads(params)) if params else (),
         priority=Priority(priority),
         status=JobStatus(status),
         created_at=created_at,
@@ -139,6 +141,18 @@ def _record(row: tuple[Any, ...]) -> JobRecord:
     return record
 
 
+def _params_json(record: JobRecord) -> str | None:
+    """The generation parameters with the requested LoRAs, as one JSON object."""
+    if record.params is None:
+        return None
+    loras = [dataclasses.asdict(lora) for lora in record.loras]
+    return json.dumps({**dataclasses.asdict(record.params), "loras": loras})
+
+
 def _params(data: dict[str, Any]) -> GenerationParams:
-    loras = tuple(LoraRequest(**lora) for lora in data.pop("loras"))
-    return GenerationParams(**data, loras=loras)
+    return GenerationParams(**{key: value for key, value in data.items() if key != "loras"})
+
+
+def _loras(data: dict[str, Any]) -> tuple[LoraRequest, ...]:
+    # Stores written by older versions also kept the fetched file of each LoRA: it is fetched anew.
+    return tuple(LoraRequest(lora["path"], lora["scale"]) for lora in data["loras"])

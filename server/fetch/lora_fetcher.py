@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.messages import ResolvedLora
 from server.fetch.disk_cache import DiskCache
 from server.fetch.downloads import Downloader, DownloadPolicy, Progress
 from server.fetch.errors import FetchFailure, LoraSourceError, human_bytes
@@ -31,6 +32,14 @@ class LoraPolicy:
 
 
 @dataclass(frozen=True)
+class LoraRequest:
+    """One entry of a request's `loras`, as asked for."""
+
+    path: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class LocalLora:
     """A LoRA on local disk: `file` is a validated safetensors file whose content hashes to `sha256`."""
 
@@ -38,6 +47,14 @@ class LocalLora:
     file: Path
     sha256: str
     size: int
+
+
+def resolved(requested: Sequence[LoraRequest], fetched: Sequence[LocalLora]) -> tuple[ResolvedLora, ...]:
+    """The LoRAs as the worker takes them: each requested entry with the file it was fetched to."""
+    return tuple(
+        ResolvedLora(str(local.file), local.sha256, lora.scale, lora.path)
+        for lora, local in zip(requested, fetched, strict=True)
+    )
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from pipeline.acceleration import choose_attention_backend, step_cache_config
 from pipeline.errors import InvalidInput
 from pipeline.generation import ImageGenerator
-from pipeline.messages import GenerationParams, LoraRequest, WorkerConfig
+from pipeline.messages import GenerationParams, Job, ResolvedLora, WorkerConfig
 from pipeline.models import load_registry
 from pipeline.testing import linear_shapes, write_lora
 from pipeline.worker import load_generator
@@ -56,8 +56,10 @@ def load(cache_dir: Path, compile_blocks: bool) -> ImageGenerator:
     return generator
 
 
-def draw(generator: ImageGenerator, params: GenerationParams) -> list[np.ndarray]:
-    result = generator.generate("acceleration", params, lambda step, total: None, lambda: False)
+def draw(
+    generator: ImageGenerator, params: GenerationParams, loras: tuple[ResolvedLora, ...] = ()
+) -> list[np.ndarray]:
+    result = generator.generate(Job("acceleration", params, loras), lambda step, total: None, lambda: False)
     return [np.asarray(Image.open(io.BytesIO(image.data)), dtype=np.int16) for image in result.images]
 
 
@@ -78,10 +80,10 @@ def compiled(cache_dir: Path) -> Iterator[tuple[ImageGenerator, int]]:
 
 
 @pytest.fixture(scope="module")
-def lora(eager: ImageGenerator, tmp_path_factory: pytest.TempPathFactory) -> LoraRequest:
+def lora(eager: ImageGenerator, tmp_path_factory: pytest.TempPathFactory) -> ResolvedLora:
     shapes = linear_shapes(eager.pipe.transformer)
     path = write_lora(tmp_path_factory.mktemp("lora") / "all.safetensors", shapes, list(shapes), 4, seed=1)
-    return LoraRequest(path="all.safetensors", scale=0.8, file=str(path), sha256="lora-all")
+    return ResolvedLora(file=str(path), sha256="lora-all", scale=0.8, source="all.safetensors")
 
 
 @pytest.fixture
@@ -134,24 +136,24 @@ def test_unknown_preset_is_refused(eager: ImageGenerator) -> None:
 
 @pytest.mark.timeout(600)
 def test_compiled_presets_never_recompile(
-    compiled: tuple[ImageGenerator, int], eager: ImageGenerator, lora: LoraRequest
+    compiled: tuple[ImageGenerator, int], eager: ImageGenerator, lora: ResolvedLora
 ) -> None:
     generator, graphs = compiled
     assert generator.accelerator.compiled and graphs >= 2  # the blocks really run compiled
     runs = [
-        PARAMS,
-        replace(PARAMS, acceleration="high", loras=(lora,)),
-        replace(PARAMS, acceleration="none", width=768),
-        replace(PARAMS, num_images=3, loras=(lora,)),
-        replace(PARAMS, acceleration="high", width=640, height=384),  # not a warmed-up size
-        replace(PARAMS, acceleration="none", loras=(lora,)),
-        replace(PARAMS, acceleration="high"),
-        PARAMS,
+        (PARAMS, ()),
+        (replace(PARAMS, acceleration="high"), (lora,)),
+        (replace(PARAMS, acceleration="none", width=768), ()),
+        (replace(PARAMS, num_images=3), (lora,)),
+        (replace(PARAMS, acceleration="high", width=640, height=384), ()),  # not a warmed-up size
+        (replace(PARAMS, acceleration="none"), (lora,)),
+        (replace(PARAMS, acceleration="high"), ()),
+        (PARAMS, ()),
     ]
     with torch._dynamo.config.patch(error_on_recompile=True):  # any guard failure raises
-        for params in runs:
-            images = draw(generator, params)
-            reference = draw(eager, params)
+        for params, loras in runs:
+            images = draw(generator, params, loras)
+            reference = draw(eager, params, loras)
             for image, expected in zip(images, reference, strict=True):
                 if params.acceleration == "none":  # the same modules run eagerly: the same bits
                     assert np.array_equal(image, expected), params

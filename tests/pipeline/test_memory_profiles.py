@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from pipeline.generation import ImageGenerator
 from pipeline.loading import load_pipeline
-from pipeline.messages import GenerationParams, LoraRequest, WorkerConfig
+from pipeline.messages import GenerationParams, Job, ResolvedLora, WorkerConfig
 from pipeline.models import ConfigError, Registry, load_registry
 from pipeline.testing import linear_shapes, write_lora
 from pipeline.worker import load_generator
@@ -66,8 +66,10 @@ def fp8(registry: Registry, cache_dir: Path) -> Iterator[tuple[ImageGenerator, i
         torch._dynamo.reset()
 
 
-def draw(generator: ImageGenerator, params: GenerationParams) -> np.ndarray:
-    result = generator.generate("profile", params, lambda step, total: None, lambda: False)
+def draw(
+    generator: ImageGenerator, params: GenerationParams, loras: tuple[ResolvedLora, ...] = ()
+) -> np.ndarray:
+    result = generator.generate(Job("profile", params, loras), lambda step, total: None, lambda: False)
     return np.asarray(Image.open(io.BytesIO(result.images[0].data)), dtype=np.int16)
 
 
@@ -91,13 +93,13 @@ def test_loras_and_presets_run_on_fp8_weights_without_recompiling(
     generator, graphs = fp8
     shapes = linear_shapes(generator.pipe.transformer)
     path = write_lora(tmp_path / "all.safetensors", shapes, list(shapes), 4, seed=1)
-    lora = LoraRequest(path="all", scale=1.0, file=str(path), sha256="fp8-all")
+    lora = ResolvedLora(file=str(path), sha256="fp8-all", scale=1.0, source="all")
     with torch._dynamo.config.patch(error_on_recompile=True):
         base = draw(generator, PARAMS)
-        with_lora = draw(generator, replace(PARAMS, loras=(lora,)))
-        muted = draw(generator, replace(PARAMS, loras=(replace(lora, scale=0.0),)))
-        high = draw(generator, replace(PARAMS, acceleration="high", loras=(lora,)))
-        eager = draw(generator, replace(PARAMS, acceleration="none", loras=(lora,)))
+        with_lora = draw(generator, PARAMS, (lora,))
+        muted = draw(generator, PARAMS, (replace(lora, scale=0.0),))
+        high = draw(generator, replace(PARAMS, acceleration="high"), (lora,))
+        eager = draw(generator, replace(PARAMS, acceleration="none"), (lora,))
     assert counters["stats"]["unique_graphs"] == graphs
     assert np.abs(with_lora - base).mean() > 10  # the LoRA acts through the FP8 layers
     assert np.array_equal(muted, base)  # scale 0 adds exact zeros

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.messages import GenerationParams, LoraRequest
+from pipeline.messages import GenerationParams
 from server.errors import request_error
+from server.fetch.lora_fetcher import LoraRequest
 from server.jobs import JobRecord, JobStatus, Priority
 from server.store import SqliteJobStore
 from tests.server.conftest import _harness
@@ -17,8 +18,11 @@ BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps":
 
 def test_round_trip(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
-    params = GenerationParams("p", 512, 512, 4, 2.5, 2**64 - 1, loras=(LoraRequest("a/b", 0.5),))
-    record = JobRecord("r1", "fal-ai/flux-2/lora", {"prompt": "p"}, "http://h/", params=params, durable=True)
+    params = GenerationParams("p", 512, 512, 4, 2.5, 2**64 - 1)
+    loras = (LoraRequest("a/b", 0.5),)
+    record = JobRecord(
+        "r1", "fal-ai/flux-2/lora", {"prompt": "p"}, "http://h/", params=params, loras=loras, durable=True
+    )
     record.priority = Priority.LOW
     record.log("hello")
     store.save(record)
@@ -27,7 +31,7 @@ def test_round_trip(tmp_path: Path) -> None:
     store.close()
 
     (loaded,) = SqliteJobStore(tmp_path / "jobs.sqlite").load_all()
-    assert loaded.params == params and loaded.priority is Priority.LOW
+    assert loaded.params == params and loaded.loras == loras and loaded.priority is Priority.LOW
     assert loaded.status is JobStatus.COMPLETED and loaded.inference_seconds == 1.5
     assert loaded.outcome == record.outcome
     assert [entry.message for entry in loaded.logs] == ["hello"]
