@@ -10,8 +10,8 @@ from enum import Enum, StrEnum
 from typing import Any
 
 from pipeline.messages import GenerationParams, Job
-from server.errors import Outcome
 from server.fetch.lora_fetcher import LocalLora, LoraRequest, resolved
+from server.outcome import Outcome
 
 
 class JobStatus(StrEnum):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 
 from pipeline.messages import EncodedImage, JobSucceeded
-from server.errors import Outcome
 from server.files import FileStore
 from server.jobs import JobRecord
+from server.outcome import Outcome
 from server.schemas import File, Flux2Output, Timings
 
 

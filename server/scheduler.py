@@ -10,7 +10,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -26,11 +25,11 @@ from pipeline.messages import (
     WorkerStartupFailed,
     WorkerStats,
 )
-from server.errors import Outcome, failure_outcome, input_error, request_error, worker_lost
 from server.fetch.errors import LoraSourceError
 from server.fetch.lora_fetcher import LoraFetcher
 from server.jobs import JobRecord, JobStatus, Priority
 from server.metrics import Metrics
+from server.outcome import Failure, Outcome, failed, input_error, worker_failed
 from server.outputs import OutputBuilder
 from server.store import JobStore
 from server.webhooks import WebhookSender, webhook_payload
@@ -262,11 +261,9 @@ class Scheduler:
     def _start_expired(self, record: JobRecord) -> None:
         if record.status is JobStatus.IN_QUEUE:
             self._withdraw(record)
-            outcome = request_error(
-                504, f"Request did not start within {record.start_timeout:g} s", "request_timeout"
-            )
             self._close(
-                record, replace(outcome, headers={**outcome.headers, "X-Fal-Request-Timeout-Type": "user"})
+                record,
+                failed(Failure.START_TIMEOUT, f"Request did not start within {record.start_timeout:g} s"),
             )
 
     def _run_expired(self, record: JobRecord) -> None:
@@ -283,8 +280,7 @@ class Scheduler:
             return CancelResult.ALREADY_COMPLETED
         if record.status is JobStatus.IN_QUEUE:
             self._withdraw(record)
-            cancelled = JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled")
-            self._close(record, failure_outcome(cancelled, {}))
+            self._close(record, failed(Failure.CANCELLED, "Request was cancelled"))
         elif self._worker is not None:
             record.log("cancellation requested")
             self._worker.cancel(request_id)
@@ -340,12 +336,10 @@ class Scheduler:
         elif isinstance(message, JobSucceeded):
             self._finish(running, self.outputs.build(running, message), message.inference_seconds)
         elif isinstance(message, JobFailed) and running.timed_out and message.kind is FailureKind.CANCELLED:
-            timeout = request_error(
-                504, f"Generation ran longer than {self.run_timeout:g} s", "generation_timeout"
-            )
+            timeout = failed(Failure.RUN_TIMEOUT, f"Generation ran longer than {self.run_timeout:g} s")
             self._finish(running, timeout, message.inference_seconds)
         elif isinstance(message, JobFailed):
-            self._finish(running, failure_outcome(message, running.request_input), message.inference_seconds)
+            self._finish(running, worker_failed(message, running.request_input), message.inference_seconds)
         self._dispatch()
 
     def _finish(self, record: JobRecord, outcome: Outcome, inference_seconds: float | None) -> None:
@@ -369,7 +363,7 @@ class Scheduler:
     def _on_worker_exit(self, exited: WorkerExited) -> None:
         detail = f"the GPU worker exited unexpectedly (exit code {exited.exitcode})"
         if self._running is not None:
-            self._finish(self._running, worker_lost(detail), None)
+            self._finish(self._running, failed(Failure.WORKER_LOST, detail), None)
         if self.state is not WorkerState.READY or self.restarts >= self._max_restarts:
             self._fail_permanently(detail)
             return
@@ -388,7 +382,7 @@ class Scheduler:
                 self._close(queue.popleft(), self._unavailable())
 
     def _unavailable(self) -> Outcome:
-        return request_error(503, f"the model is unavailable: {self.failure}", "runner_scheduling_failure")
+        return failed(Failure.UNAVAILABLE, f"the model is unavailable: {self.failure}")
 
 
 def _file_names(record: JobRecord) -> list[str]:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.messages import GenerationParams
-from server.errors import Outcome
 from server.fetch.lora_fetcher import LoraRequest
 from server.jobs import JobRecord, JobStatus, LogEntry, Priority
+from server.outcome import Outcome
 
 
 class JobStore(Protocol):

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 from pipeline.messages import GenerationParams
-from server.errors import request_error
 from server.fetch.lora_fetcher import LoraRequest
 from server.jobs import JobRecord, JobStatus, Priority
+from server.outcome import Failure, failed
 from server.store import SqliteJobStore
 from tests.server.conftest import _harness
 
@@ -26,7 +26,7 @@ def test_round_trip(tmp_path: Path) -> None:
     record.priority = Priority.LOW
     record.log("hello")
     store.save(record)
-    record.complete(request_error(503, "gone", "runner_disconnected"), 1.5)
+    record.complete(failed(Failure.WORKER_LOST, "gone"), 1.5)
     store.save(record)
     store.close()
 
