@@ -21,7 +21,8 @@ from server.middleware import FalRoutingMiddleware, SizeLimitMiddleware
 from server.outputs import OutputBuilder
 from server.routes import ops, playground, queue, run
 from server.scheduler import Scheduler, Worker
-from server.store import SqliteJobStore
+from server.store.database import Database, sqlite_url
+from server.store.job_store import SqlJobStore
 from server.webhooks import WebhookSender, WebhookSigner
 from server.worker_process import WorkerProcess
 
@@ -47,7 +48,8 @@ def create_app(
     files = FileStore(settings.files_dir)
     fetcher = LoraFetcher(settings.lora_policy())
     metrics = Metrics(fetcher.cache)
-    store = SqliteJobStore(settings.job_store_path)
+    database = Database(sqlite_url(settings.job_store_path))
+    store = SqlJobStore(database)
     webhooks = WebhookSender(
         WebhookSigner(settings.data_dir / "keys"), allow_private_addresses=settings.allow_private_webhook_urls
     )
@@ -65,6 +67,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        database.migrate()
         scheduler.start((worker_factory or spawn_worker)(scheduler))
         scheduler.recover()
         cleaner = asyncio.create_task(_clean_up(scheduler, files, settings.result_ttl_seconds))
@@ -75,7 +78,7 @@ def create_app(
             scheduler.stop()
             await fetcher.aclose()
             await webhooks.aclose()
-            store.close()
+            database.close()
 
     app = FastAPI(
         title="flux2-lora-server",

@@ -31,7 +31,7 @@ from server.jobs import JobRecord, JobStatus, Priority
 from server.metrics import Metrics
 from server.outcome import Failure, Outcome, failed, input_error, worker_failed
 from server.outputs import OutputBuilder
-from server.store import JobStore
+from server.store.job_store import JobStore
 from server.webhooks import WebhookSender, webhook_payload
 from server.worker_process import Listener, WorkerExited
 

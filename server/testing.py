@@ -1,4 +1,5 @@
-"""A live `flux2-server serve`, started the way a user starts it: for the tests and the scripts alike.
+"""Live servers for the tests and the scripts alike: `flux2-server serve` started the way a user starts
+it, and a throwaway PostgreSQL.
 
 The installed console script runs in a subprocess from the server's own data folder (so nothing depends
 on the repository being the working directory), on a free loopback port.
@@ -7,16 +8,19 @@ on the repository being the working directory), on a free loopback port.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 
 READY_TIMEOUT_SECONDS = 300
 
@@ -123,10 +127,56 @@ class LiveServer:
 def lost_and_duplicated(data_dir: Path, submitted: int, ids: list[str]) -> tuple[int, int]:
     """What a server's job store says about `submitted` requests whose submits answered `ids`: how many are
     missing from it, and how many ids appear more than once or were never handed out."""
-    import sqlite3
+    from server.store.database import Database, sqlite_url
+    from server.store.tables import jobs
 
-    with sqlite3.connect(data_dir / "jobs.sqlite") as db:
-        rows = [row[0] for row in db.execute("SELECT request_id FROM jobs")]
+    database = Database(sqlite_url(data_dir / "jobs.sqlite"))
+    try:
+        with database.engine.connect() as connection:
+            rows = list(connection.execute(sa.select(jobs.c.request_id)).scalars())
+    finally:
+        database.close()
     lost = submitted - len(set(ids) & set(rows))
     duplicated = (len(ids) - len(set(ids))) + (len(rows) - len(set(rows))) + len(set(rows) - set(ids))
     return lost, duplicated
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server on a free loopback port, from the machine's `initdb` and `pg_ctl`;
+    `database()` makes a fresh database on it and answers its SQLAlchemy URL."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="flux2-postgres-"))
+        self.port = free_port()
+        # PostgreSQL refuses to run as root: then it runs as the machine's postgres user.
+        self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as_user:
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.folder, owner.pw_uid, owner.pw_gid)
+        data = self.folder / "data"
+        self._run("initdb", "-D", str(data), "-U", "flux2", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")
+        self._data = data
+        self._count = 0
+
+    def _run(self, *command: str) -> None:
+        subprocess.run([*self._as_user, *command], check=True, capture_output=True, timeout=120)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://flux2@127.0.0.1:{self.port}/{database}"
+
+    def database(self) -> str:
+        import psycopg
+
+        self._count += 1
+        name = f"test_{os.getpid()}_{self._count}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=flux2 dbname=postgres", autocommit=True
+        ) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self._data), "-m", "immediate", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)

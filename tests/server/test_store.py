@@ -1,23 +1,57 @@
-"""The durable job store: round trips, restarts that lose nothing, and retention."""
+"""The durable job store: round trips on SQLite and PostgreSQL, migrations that match the table definition
+and upgrade stores of every earlier version, restarts that lose nothing, and retention."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
 from pipeline.messages import GenerationParams
 from server.fetch.lora_fetcher import LoraRequest
 from server.jobs import JobRecord, JobStatus, Priority
 from server.outcome import Failure, failed
-from server.store import SqliteJobStore
+from server.store.database import Database, sqlite_url
+from server.store.job_store import SqlJobStore
+from server.store.tables import metadata
+from server.testing import PostgresServer
 from tests.server.conftest import _harness
 
 SUBMIT = "/queue/fal-ai/flux-2/lora"
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
 
 
-def test_round_trip(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path / "jobs.sqlite")
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database of each kind the store serves."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "jobs.sqlite")
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    return postgres.database()
+
+
+def migrated(url: str) -> Database:
+    database = Database(url)
+    database.migrate()
+    return database
+
+
+def test_round_trip(url: str) -> None:
+    database = migrated(url)
+    store = SqlJobStore(database)
     params = GenerationParams("p", 512, 512, 4, 2.5, 2**64 - 1)
     loras = (LoraRequest("a/b", 0.5),)
     record = JobRecord(
@@ -28,9 +62,9 @@ def test_round_trip(tmp_path: Path) -> None:
     store.save(record)
     record.complete(failed(Failure.WORKER_LOST, "gone"), 1.5)
     store.save(record)
-    store.close()
+    database.close()
 
-    (loaded,) = SqliteJobStore(tmp_path / "jobs.sqlite").load_all()
+    (loaded,) = SqlJobStore(migrated(url)).load_all()
     assert loaded.params == params and loaded.loras == loras and loaded.priority is Priority.LOW
     assert loaded.status is JobStatus.COMPLETED and loaded.inference_seconds == 1.5
     assert loaded.outcome == record.outcome
@@ -70,19 +104,41 @@ def test_retention_forgets_old_results_and_their_files(tmp_path: Path) -> None:
         time.sleep(1.0)
         assert h.client.get(accepted["status_url"]).status_code == 404
         assert h.client.get(image["url"]).status_code == 404
-        assert SqliteJobStore(tmp_path / "data" / "jobs.sqlite").load_all() == []
+        assert SqlJobStore(migrated(sqlite_url(tmp_path / "data" / "jobs.sqlite"))).load_all() == []
     finally:
         gen.close()
 
 
+def test_migrations_make_exactly_the_table_definition(url: str) -> None:
+    database = migrated(url)
+    with database.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+    database.migrate()  # at the newest revision already: nothing to do
+    database.close()
+
+
+# The schema the first release wrote by hand, before migrations existed.
+FIRST_SCHEMA = """
+CREATE TABLE jobs (
+    request_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, request_input TEXT NOT NULL,
+    base_url TEXT NOT NULL, params TEXT, priority INTEGER NOT NULL, start_timeout REAL,
+    status TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    inference_seconds REAL, logs TEXT NOT NULL, outcome TEXT, owner TEXT, webhook_url TEXT
+);
+CREATE INDEX jobs_by_finish ON jobs (finished_at);
+"""
+OLD_PARAMS = (
+    '{"prompt": "p", "width": 512, "height": 512, "num_inference_steps": 4, "guidance_scale": 2.5, "seed": 7,'
+    ' "num_images": 1, "output_format": "png", "acceleration": "regular", "enable_safety_checker": true,'
+    ' "enable_prompt_expansion": false, "loras": [{"path": "a/b", "scale": 0.5, "file": "/x.safetensors",'
+    ' "sha256": "ab12"}]}'
+)
+
+
 def test_a_store_from_before_webhook_pending_is_upgraded(tmp_path: Path) -> None:
-    import sqlite3
-
-    from server import store
-
     path = tmp_path / "jobs.sqlite"
     old = sqlite3.connect(path)
-    old.executescript(store._SCHEMA.replace(",\n    webhook_pending INTEGER NOT NULL DEFAULT 0", ""))
+    old.executescript(FIRST_SCHEMA)
     old.execute(
         "INSERT INTO jobs (request_id, app_id, request_input, base_url, priority, status, created_at, logs,"
         " webhook_url) VALUES ('r1', 'fal-ai/flux-2', '{}', 'http://h/', 0, 'COMPLETED', 1.0, '[]', NULL)"
@@ -90,5 +146,29 @@ def test_a_store_from_before_webhook_pending_is_upgraded(tmp_path: Path) -> None
     old.commit()
     assert "webhook_pending" not in {row[1] for row in old.execute("PRAGMA table_info(jobs)")}
     old.close()
-    (loaded,) = SqliteJobStore(path).load_all()
+    (loaded,) = SqlJobStore(migrated(sqlite_url(path))).load_all()
     assert loaded.request_id == "r1" and loaded.webhook_pending is False
+
+
+def test_a_store_from_before_migrations_keeps_its_requests_and_their_loras(tmp_path: Path) -> None:
+    """The last hand-written schema (webhook_pending added by hand, LoRAs inside params) is upgraded in
+    place: its queued request still runs with the LoRAs it asked for."""
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        FIRST_SCHEMA + "ALTER TABLE jobs ADD COLUMN webhook_pending INTEGER NOT NULL DEFAULT 0;"
+    )
+    old.execute(
+        "INSERT INTO jobs (request_id, app_id, request_input, base_url, params, priority, status, created_at,"
+        " logs, webhook_pending) VALUES ('r2', 'fal-ai/flux-2/lora', '{}', 'http://h/', ?, 1, 'IN_QUEUE',"
+        " 2.0, '[]', 0)",
+        (OLD_PARAMS,),
+    )
+    old.commit()
+    old.close()
+    database = migrated(sqlite_url(path))
+    (loaded,) = SqlJobStore(database).load_all()
+    assert loaded.loras == (LoraRequest("a/b", 0.5),) and loaded.priority is Priority.LOW
+    assert loaded.params == GenerationParams("p", 512, 512, 4, 2.5, 7)
+    with database.engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() is not None
