@@ -1,7 +1,9 @@
-"""The GPU worker's main loop, run in a spawned child process that alone owns the device.
+"""The entry points into the GPU side, and all the HTTP side may call of it besides the wire: the worker's
+main loop (`run_worker`, run in a spawned child process that alone owns the device), and, for the one-shot
+commands, `load_generator`, `run_job` and `download_model`.
 
-Nothing here imports torch at module level: the HTTP process imports this module only to name the
-process target, and must stay light and CUDA-free.
+Nothing here imports torch at module level: the HTTP process imports this module to name the process
+target, and must stay light and CUDA-free.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import queue
 import time
 import traceback
 from multiprocessing.queues import Queue
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.logs import configure_logging
@@ -21,6 +24,7 @@ from pipeline.messages import (
     Job,
     JobFailed,
     JobStarted,
+    JobSucceeded,
     Shutdown,
     StepProgress,
     ToWorker,
@@ -33,7 +37,8 @@ from pipeline.messages import (
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import SynchronizedString
 
-    from pipeline.generation import ImageGenerator
+    from pipeline.generation import CancelCheck, ImageGenerator, StepCallback
+    from pipeline.models import HubModel, TinyModel
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +103,13 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     return generator, ready
 
 
-def _run_job(
-    generator: ImageGenerator, job: Job, outbox: Queue[FromWorker], cancelled_id: SynchronizedString
-) -> FromWorker:
+def run_job(
+    generator: ImageGenerator, job: Job, on_step: StepCallback, cancelled: CancelCheck
+) -> JobSucceeded | JobFailed:
+    """One job, every failure turned into the message that reports it."""
     import torch
 
     from pipeline.errors import PipelineError
-
-    own_id = job.request_id.encode()
-
-    def on_step(step: int, total: int) -> None:
-        outbox.put(StepProgress(job.request_id, step, total))
-
-    def cancelled() -> bool:
-        return bool(cancelled_id.value == own_id)
 
     started = time.perf_counter()
     try:
@@ -125,6 +123,21 @@ def _run_job(
         log.error("generation failed:\n%s", traceback.format_exc(), extra={"request_id": job.request_id})
         kind, message, loc = FailureKind.INTERNAL, f"{type(exc).__name__}: {exc}", ()
     return JobFailed(job.request_id, kind, message, loc, time.perf_counter() - started)
+
+
+def _serve(
+    generator: ImageGenerator, job: Job, outbox: Queue[FromWorker], cancelled_id: SynchronizedString
+) -> JobSucceeded | JobFailed:
+    """A job for the server: progress goes out as messages, a cancel comes in through the shared slot."""
+    own_id = job.request_id.encode()
+
+    def on_step(step: int, total: int) -> None:
+        outbox.put(StepProgress(job.request_id, step, total))
+
+    def cancelled() -> bool:
+        return bool(cancelled_id.value == own_id)
+
+    return run_job(generator, job, on_step, cancelled)
 
 
 def _stats(generator: ImageGenerator) -> WorkerStats:
@@ -176,5 +189,35 @@ def run_worker(
         if isinstance(message, Shutdown):
             return
         outbox.put(JobStarted(message.request_id))
-        outbox.put(_run_job(generator, message, outbox, cancelled_id))
+        outbox.put(_serve(generator, message, outbox, cancelled_id))
         outbox.put(_stats(generator))
+
+
+class DownloadError(Exception):
+    """A model's weights cannot be fetched; the message says why and what to do."""
+
+
+def download_model(spec: HubModel | TinyModel, cache_dir: Path) -> Path:
+    """Fetch (or resume fetching) a model's weights into the Hugging Face cache, or build the tiny one;
+    returns the folder it is loaded from."""
+    from pipeline.models import TinyModel
+
+    if isinstance(spec, TinyModel):
+        from pipeline.tiny import ensure_tiny_pipeline
+
+        return ensure_tiny_pipeline(cache_dir / "tiny", seed=spec.seed)
+    if spec.local_dir is not None:
+        return spec.local_dir  # read from there: nothing to download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        # Files already in the cache are skipped and partial ones resumed: running it again is cheap.
+        return Path(snapshot_download(spec.repo_id, revision=spec.revision))
+    except LocalEntryNotFoundError as exc:
+        raise DownloadError(
+            f"{spec.repo_id} is not cached and the Hub is offline or unreachable: {exc}"
+        ) from None
+    except HfHubHTTPError as exc:
+        gated = "FLUX.2 [dev] is gated: accept its licence on Hugging Face and set HF_TOKEN"
+        raise DownloadError(f"downloading {spec.repo_id} failed: {exc} ({gated})") from None

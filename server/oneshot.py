@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.messages import Job
-from pipeline.models import HubModel, Registry, TinyModel
+from pipeline.messages import Job, JobFailed
+from pipeline.models import Registry
 from server.config import Settings
 from server.errors import validation_errors
 from server.fetch.errors import LoraSourceError
@@ -36,8 +36,7 @@ def parse_lora(text: str) -> dict[str, Any]:
 def generate(settings: Settings, registry: Registry, body: dict[str, Any], output: Path) -> int:
     from tqdm import tqdm
 
-    from pipeline.errors import PipelineError
-    from pipeline.worker import load_generator
+    from pipeline.worker import load_generator, run_job
 
     try:
         request = Flux2LoraInput.model_validate(body)
@@ -60,13 +59,12 @@ def generate(settings: Settings, registry: Registry, body: dict[str, Any], outpu
     generator, ready = load_generator(config)
     print(f"model {ready.model} on {ready.device}, seed {params.seed}", file=sys.stderr)
     with tqdm(total=params.num_inference_steps, unit="step", desc="generating") as bar:
-        try:
-            result = generator.generate(
-                Job("cli", params, loras), lambda step, total: bar.update(step - bar.n), lambda: False
-            )
-        except PipelineError as exc:
-            print(f"\nflux2-server: {exc.message}", file=sys.stderr)
-            return 2
+        result = run_job(
+            generator, Job("cli", params, loras), lambda step, total: bar.update(step - bar.n), lambda: False
+        )
+    if isinstance(result, JobFailed):
+        print(f"flux2-server: {result.message}", file=sys.stderr)
+        return 2
     outputs = _output_paths(output, len(result.images))
     for path, image in zip(outputs, result.images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,37 +89,11 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 def download(settings: Settings, registry: Registry, model_name: str) -> int:
     """Fetch (or resume fetching) a model's weights into the Hugging Face cache; build the tiny one."""
-    spec = registry.get(model_name)
-    if isinstance(spec, TinyModel):
-        from pipeline.tiny import ensure_tiny_pipeline
+    from pipeline.worker import DownloadError, download_model
 
-        print(ensure_tiny_pipeline(settings.cache_dir / "tiny", seed=spec.seed))
-        return 0
-    return _download_hub(spec)
-
-
-def _download_hub(spec: HubModel) -> int:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    if spec.local_dir is not None:
-        print(
-            f"flux2-server: model {spec.name!r} is read from {spec.local_dir}; nothing to download",
-            file=sys.stderr,
-        )
-        return 0
     try:
-        # Files already in the cache are skipped and partial ones resumed: running it again is cheap.
-        folder = snapshot_download(spec.repo_id, revision=spec.revision)
-    except LocalEntryNotFoundError as exc:
-        print(
-            f"flux2-server: {spec.repo_id} is not cached and the Hub is offline or unreachable: {exc}",
-            file=sys.stderr,
-        )
+        print(download_model(registry.get(model_name), settings.cache_dir))
+    except DownloadError as exc:
+        print(f"flux2-server: {exc}", file=sys.stderr)
         return 1
-    except HfHubHTTPError as exc:
-        gated = "FLUX.2 [dev] is gated: accept its licence on Hugging Face and set HF_TOKEN"
-        print(f"flux2-server: downloading {spec.repo_id} failed: {exc} ({gated})", file=sys.stderr)
-        return 1
-    print(folder)
     return 0
