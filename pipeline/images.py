@@ -6,9 +6,7 @@ import io
 
 from PIL import Image
 
-from pipeline.messages import EncodedImage
-
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+from pipeline.messages import CONTENT_TYPES, EncodedImage
 
 # PNG at a low zlib level: generated images barely compress further at 9, and the time is on the hot path.
 _SAVE_OPTIONS: dict[str, dict[str, object]] = {

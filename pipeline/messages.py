@@ -109,10 +109,13 @@ class StepProgress:
     total: int
 
 
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}  # by `output_format`
+
+
 @dataclass(frozen=True)
 class EncodedImage:
     data: bytes
-    content_type: str
+    content_type: str  # one of CONTENT_TYPES
     width: int
     height: int
 

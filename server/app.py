@@ -1,10 +1,11 @@
-"""The FastAPI application: routes, error handlers, and the worker's lifetime."""
+"""The FastAPI application: the rooms of the HTTP side built and joined, routes, and their lifetime."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -15,29 +16,28 @@ from server.auth import KeyRing
 from server.config import Settings
 from server.errors import FalHTTPError, handle_fal_error
 from server.fetch.lora_fetcher import LoraFetcher
+from server.fetch.stage import FetchStage
 from server.files import FileStore
 from server.metrics import Metrics
 from server.middleware import FalRoutingMiddleware, SizeLimitMiddleware
 from server.outputs import OutputBuilder
 from server.routes import ops, playground, queue, run
-from server.scheduler import Scheduler, Worker
+from server.scheduler import Scheduler
+from server.services import Services
 from server.store.database import Database, sqlite_url
 from server.store.job_store import SqlJobStore
+from server.supervisor import Worker, WorkerFactory
 from server.webhooks import WebhookSender, WebhookSigner
-from server.worker_process import WorkerProcess
+from server.worker_process import Listener, WorkerProcess
 
 log = logging.getLogger(__name__)
 
-WorkerFactory = Callable[[Scheduler], Worker]
-
 
 async def _clean_up(scheduler: Scheduler, files: FileStore, ttl: float) -> None:
-    """Forget completed requests older than `ttl`, and delete their images, every so often."""
+    """Forget completed requests older than `ttl`, and delete files as old, every so often."""
     while True:
-        for record in scheduler.prune(ttl):
-            images = record.outcome.body.get("images", []) if record.outcome and record.outcome.ok else []
-            for image in images:
-                files.delete(image["file_name"])
+        scheduler.prune(ttl)
+        files.expire(time.time() - ttl)
         await asyncio.sleep(min(60.0, max(ttl / 10, 0.05)))
 
 
@@ -45,37 +45,39 @@ def create_app(
     settings: Settings, registry: Registry, worker_factory: WorkerFactory | None = None
 ) -> FastAPI:
     """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
-    files = FileStore(settings.files_dir)
+    database = Database(sqlite_url(settings.job_store_path))
+    files = FileStore(settings.files_dir, database)
     fetcher = LoraFetcher(settings.lora_policy())
     metrics = Metrics(fetcher.cache)
-    database = Database(sqlite_url(settings.job_store_path))
     store = SqlJobStore(database)
     webhooks = WebhookSender(
         WebhookSigner(settings.data_dir / "keys"), allow_private_addresses=settings.allow_private_webhook_urls
     )
+
+    def spawn_worker(listener: Listener) -> Worker:
+        return WorkerProcess(settings.worker_config(registry), listener)
+
     scheduler = Scheduler(
+        worker_factory or spawn_worker,
         OutputBuilder(files),
-        fetcher,
+        FetchStage(fetcher),
         metrics,
-        run_timeout=settings.run_timeout_seconds,
         store=store,
         webhooks=webhooks,
+        run_timeout=settings.run_timeout_seconds,
     )
-
-    def spawn_worker(scheduler: Scheduler) -> Worker:
-        return WorkerProcess(settings.worker_config(registry), scheduler.listener)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database.migrate()
-        scheduler.start((worker_factory or spawn_worker)(scheduler))
+        scheduler.start()
         scheduler.recover()
         cleaner = asyncio.create_task(_clean_up(scheduler, files, settings.result_ttl_seconds))
         try:
             yield
         finally:
             cleaner.cancel()
-            scheduler.stop()
+            await scheduler.stop()
             await fetcher.aclose()
             await webhooks.aclose()
             database.close()
@@ -86,13 +88,14 @@ def create_app(
         summary="FLUX.2 [dev] with LoRAs, behind fal's API for fal-ai/flux-2/lora",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.scheduler = scheduler
-    app.state.files = files
-    app.state.keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
-    app.state.metrics = metrics
-    app.state.webhooks = webhooks
-    app.state.model_name = settings.model or "auto"
+    app.state.services = Services(
+        settings=settings,
+        scheduler=scheduler,
+        files=files,
+        keys=KeyRing.from_settings(settings.api_keys, settings.api_keys_file),
+        metrics=metrics,
+        webhooks=webhooks,
+    )
     app.add_exception_handler(FalHTTPError, handle_fal_error)
     app.add_middleware(
         SizeLimitMiddleware, max_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import Request
 
 from server.errors import FalHTTPError
+from server.services import ServicesDep
 
 OWNER_STATE = "fal_owner"
 _SCHEMES = ("key", "bearer")
@@ -48,9 +49,9 @@ class KeyRing:
         return digest.hex()[:32] if matched else None
 
 
-async def require_key(request: Request) -> None:
+async def require_key(request: Request, services: ServicesDep) -> None:
     """Route dependency: with keys configured, a valid key is required and becomes the request's owner."""
-    keys: KeyRing = request.app.state.keys
+    keys = services.keys
     if not keys.enabled:
         return
     owner = keys.owner(request.headers.get("authorization"))

@@ -1,42 +1,74 @@
-"""Generated files on disk, served back at `/files/<name>` under unguessable names."""
+"""The one home of stored files: generated images now, uploaded reference images next.
+
+Each file is written under an unguessable name in the files folder, with its owner (the API key digest
+of the request that made it) in the store's `files` table; it is served only to that owner and deleted
+when the retention time has passed. Disk writes happen in a worker thread, never on the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 
-from pipeline.images import CONTENT_TYPES
+import sqlalchemy as sa
+
+from pipeline.messages import CONTENT_TYPES
+from server.store.database import Database
+from server.store.tables import files
 
 _EXTENSIONS = {content_type: ext for ext, content_type in CONTENT_TYPES.items()}
 _NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
 
 
 class FileStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, database: Database) -> None:
         self.root = root
+        self._engine = database.engine
         root.mkdir(parents=True, exist_ok=True)
 
-    def save(self, data: bytes, content_type: str) -> str:
-        """Write the bytes under a fresh random name and return that name."""
+    async def save(self, data: bytes, content_type: str, owner: str | None) -> str:
+        """Store the bytes under a fresh random name, readable by `owner`; returns the name."""
         name = f"{secrets.token_hex(16)}.{_EXTENSIONS[content_type]}"
-        partial = self.root / f".{name}.partial"
-        partial.write_bytes(data)
-        os.replace(partial, self.root / name)  # a reader never sees a half-written file
+        await asyncio.to_thread(self._save, name, data, owner)
         return name
 
-    def path(self, name: str) -> Path | None:
-        """The file for a served name, or None; names are checked, so no path can leave the root."""
+    def _save(self, name: str, data: bytes, owner: str | None) -> None:
+        # The row first: a file that fails to be written leaves only a row, which expires like any other.
+        with self._engine.begin() as connection:
+            connection.execute(files.insert().values(name=name, owner=owner, created_at=time.time()))
+        partial = self.root / f".{name}.partial"
+        try:
+            partial.write_bytes(data)
+            os.replace(partial, self.root / name)  # a reader never sees a half-written file
+        finally:
+            partial.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+
+    def path_for(self, name: str, owner: str | None) -> Path | None:
+        """The file to serve for `name` to `owner`, or None: unknown, gone, or someone else's (never told
+        apart, so no one learns that another key's file exists). Names are checked, so no path can leave
+        the folder."""
         if not _NAME.match(name):
             return None
+        with self._engine.connect() as connection:
+            row = connection.execute(sa.select(files.c.owner).where(files.c.name == name)).first()
         path = self.root / name
-        return path if path.is_file() else None
+        return path if row is not None and row.owner == owner and path.is_file() else None
 
-    def delete(self, name: str) -> None:
-        path = self.path(name)
-        if path is not None:
-            path.unlink(missing_ok=True)
+    def expire(self, cutoff: float) -> int:
+        """Delete the files stored before `cutoff` (a time.time() value); returns how many."""
+        old = files.c.created_at < cutoff
+        with self._engine.begin() as connection:
+            names = connection.execute(sa.select(files.c.name).where(old)).scalars().all()
+            for name in names:
+                with contextlib.suppress(OSError):
+                    (self.root / name).unlink(missing_ok=True)
+            connection.execute(sa.delete(files).where(old))
+        return len(names)
 
     @staticmethod
     def url(base_url: str, name: str) -> str:

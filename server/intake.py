@@ -11,21 +11,21 @@ from pydantic import ValidationError
 from server.auth import request_owner
 from server.errors import FalHTTPError, invalid_body, not_json_body
 from server.jobs import JobRecord, Priority
-from server.scheduler import Scheduler
 from server.schemas import APPS
+from server.services import Services
 
 _PRIORITIES = {"normal": Priority.NORMAL, "low": Priority.LOW}
 
 
-def base_url(request: Request) -> str:
+def base_url(request: Request, public_url: str | None) -> str:
     """This server's URL as the client sees it (or the configured public URL), with a trailing slash."""
-    public: str | None = request.app.state.settings.public_url
-    return (public or str(request.base_url)).rstrip("/") + "/"
+    return (public_url or str(request.base_url)).rstrip("/") + "/"
 
 
-def refuse_when_full(request: Request, scheduler: Scheduler) -> None:
+def refuse_when_full(request: Request, services: Services) -> None:
     """429 when the queue is longer than the server allows, or than the client's `fal_max_queue_length`."""
-    limit: int = request.app.state.settings.max_queue
+    scheduler = services.scheduler
+    limit = services.settings.max_queue
     asked = request.query_params.get("fal_max_queue_length")
     if asked is not None:
         if not asked.isdigit():
@@ -50,13 +50,13 @@ def _start_timeout(request: Request) -> float | None:
     return seconds
 
 
-async def new_record(app_id: str, request: Request) -> JobRecord:
+async def new_record(app_id: str, request: Request, services: Services) -> JobRecord:
     """A record for the request; one whose body fails validation is born with its 422 outcome."""
     record = JobRecord(
         request_id=str(uuid.uuid4()),
         app_id=app_id,
         request_input={},
-        base_url=base_url(request),
+        base_url=base_url(request, services.settings.public_url),
         priority=_PRIORITIES.get(request.headers.get("x-fal-queue-priority", "").lower(), Priority.NORMAL),
         start_timeout=_start_timeout(request),
         owner=request_owner(request),

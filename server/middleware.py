@@ -13,12 +13,18 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROXY_PATH = "/api/fal/proxy"
 TARGET_HEADER = b"x-fal-target-url"
 _HOST_PREFIXES = {"fal.run": "", "queue.fal.run": "/queue"}
-REQUEST_ID_STATE = "fal_request_id"
+_REQUEST_ID_STATE = "fal_request_id"
+
+
+def answer_as(request: Request, request_id: str) -> None:
+    """The `x-fal-request-id` this request's response will carry (a route sets it once it knows the id)."""
+    setattr(request.state, _REQUEST_ID_STATE, request_id)
 
 
 class FalRoutingMiddleware:
@@ -45,7 +51,7 @@ class FalRoutingMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                request_id = state.get(REQUEST_ID_STATE) or str(uuid.uuid4())
+                request_id = state.get(_REQUEST_ID_STATE) or str(uuid.uuid4())
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-fal-request-id"]
                 message = {**message, "headers": [*headers, (b"x-fal-request-id", request_id.encode())]}
             await send(message)

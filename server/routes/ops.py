@@ -8,10 +8,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.auth import request_owner, require_key
 from server.errors import FalHTTPError
-from server.files import FileStore
 from server.openapi import errors
-from server.scheduler import Scheduler, WorkerState
 from server.schemas import ReadyBody
+from server.services import ServicesDep
+from server.supervisor import WorkerState
 
 router = APIRouter(tags=["operations"])
 
@@ -27,21 +27,21 @@ async def health() -> dict[str, str]:
     response_model=ReadyBody,
     responses={503: {"model": ReadyBody, "description": "Not ready"}},
 )
-async def ready(request: Request) -> JSONResponse:
-    scheduler: Scheduler = request.app.state.scheduler
-    info = scheduler.ready_info
+async def ready(services: ServicesDep) -> JSONResponse:
+    supervisor = services.scheduler.supervisor
+    info = supervisor.ready_info
     body = {
-        "ready": scheduler.state is WorkerState.READY,
-        "state": scheduler.state.value,
-        "model": info.model if info else request.app.state.model_name,
+        "ready": supervisor.state is WorkerState.READY,
+        "state": supervisor.state.value,
+        "model": info.model if info else services.settings.model or "auto",
         "device": info.device if info else None,
         "dtype": info.dtype if info else None,
         "compiled": info.compiled if info else None,
         "attention_backend": info.attention_backend if info else None,
         "memory_profile": info.memory_profile if info else None,
-        "queue_depth": scheduler.queue_depth,
-        "worker_restarts": scheduler.restarts,
-        "error": scheduler.failure,
+        "queue_depth": len(services.scheduler.queue),
+        "worker_restarts": supervisor.restarts,
+        "error": supervisor.failure,
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
@@ -51,8 +51,8 @@ async def ready(request: Request) -> JSONResponse:
     summary="The public key that signs webhooks (JWKS)",
     response_model=dict[str, list[dict[str, str]]],
 )
-async def jwks(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.state.webhooks.signer.jwks())
+async def jwks(services: ServicesDep) -> JSONResponse:
+    return JSONResponse(services.webhooks.signer.jwks())
 
 
 @router.get(
@@ -61,9 +61,8 @@ async def jwks(request: Request) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},
 )
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(
@@ -73,10 +72,8 @@ async def metrics(request: Request) -> Response:
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **errors(401, 404)},
 )
-async def file(request: Request, name: str) -> FileResponse:
-    files: FileStore = request.app.state.files
-    scheduler: Scheduler = request.app.state.scheduler
-    path = files.path(name)
-    if path is None or scheduler.file_owners.get(name) != request_owner(request):
+async def file(request: Request, services: ServicesDep, name: str) -> FileResponse:
+    path = services.files.path_for(name, request_owner(request))
+    if path is None:
         raise FalHTTPError(404, {"detail": "File not found"})
     return FileResponse(path)

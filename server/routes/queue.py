@@ -17,10 +17,11 @@ from server.auth import request_owner, require_key
 from server.errors import FalHTTPError, outcome_response
 from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord, JobStatus
-from server.middleware import REQUEST_ID_STATE
+from server.middleware import answer_as
 from server.openapi import body_schema, errors
 from server.scheduler import CancelResult, Scheduler
 from server.schemas import APPS, CancelBody, Flux2Output, QueueStatusBody
+from server.services import Services, ServicesDep
 
 router = APIRouter(prefix="/queue", tags=["queue"], dependencies=[Depends(require_key)])
 
@@ -35,24 +36,21 @@ def _urls(record: JobRecord) -> dict[str, str]:
     return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
 
 
-def _scheduler(request: Request) -> Scheduler:
-    scheduler: Scheduler = request.app.state.scheduler
-    return scheduler
-
-
-def _find(request: Request, owner: str, alias: str, request_id: str) -> JobRecord:
+def _find(request: Request, scheduler: Scheduler, owner: str, alias: str, request_id: str) -> JobRecord:
     """The record, or a 404; the app in the URL must be the one the request was submitted to."""
-    setattr(request.state, REQUEST_ID_STATE, request_id)
-    record = _visible(request, owner, alias, request_id)
+    answer_as(request, request_id)
+    record = _visible(request, scheduler, owner, alias, request_id)
     if record is None:
         raise FalHTTPError(404, {"detail": f"Request {request_id!r} not found"})
     return record
 
 
-def _visible(request: Request, owner: str, alias: str, request_id: str) -> JobRecord | None:
+def _visible(
+    request: Request, scheduler: Scheduler, owner: str, alias: str, request_id: str
+) -> JobRecord | None:
     """The record if it exists for this app and belongs to the caller's key (404 otherwise: never 403,
     which would confirm that someone else's request id exists)."""
-    record = _scheduler(request).jobs.get(request_id)
+    record = scheduler.jobs.get(request_id)
     if (
         record is None
         or record.app_id.split("/")[:2] != [owner, alias]
@@ -84,25 +82,25 @@ def _wants_logs(request: Request) -> bool:
     return request.query_params.get("logs", "0").lower() in _TRUE
 
 
-async def _webhook(request: Request) -> str | None:
+async def _webhook(request: Request, services: Services) -> str | None:
     """The `?fal_webhook=` URL, refused (400) when it points at a forbidden address, as LoRA URLs are."""
     url = request.query_params.get("fal_webhook")
     if not url:
         return None
-    refusal = await request.app.state.webhooks.check_url_async(url)
+    refusal = await services.webhooks.check_url_async(url)
     if refusal is not None:
         raise FalHTTPError(400, {"detail": f"fal_webhook refused: {refusal}"})
     return url
 
 
 def _add_submit_route(app_id: str) -> None:
-    async def submit(request: Request) -> JSONResponse:
-        scheduler = _scheduler(request)
-        refuse_when_full(request, scheduler)
-        record = await new_record(app_id, request)
+    async def submit(request: Request, services: ServicesDep) -> JSONResponse:
+        scheduler = services.scheduler
+        refuse_when_full(request, services)
+        record = await new_record(app_id, request, services)
         record.durable = True  # kept in the job store: it must survive a restart
-        record.webhook_url = await _webhook(request)
-        setattr(request.state, REQUEST_ID_STATE, record.request_id)
+        record.webhook_url = await _webhook(request, services)
+        answer_as(request, record.request_id)
         scheduler.accept(record)
         body = {**status_body(scheduler, record, with_logs=False), "status": JobStatus.IN_QUEUE.value}
         body["queue_position"] = body["queue_position"] or 0
@@ -130,9 +128,11 @@ for _app_id in APPS:
     response_model=QueueStatusBody,
     responses={202: {"model": QueueStatusBody, "description": "Not completed yet"}, **errors(401, 404)},
 )
-async def status(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
-    record = _find(request, owner, alias, request_id)
-    body = status_body(_scheduler(request), record, _wants_logs(request))
+async def status(
+    request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
+) -> JSONResponse:
+    record = _find(request, services.scheduler, owner, alias, request_id)
+    body = status_body(services.scheduler, record, _wants_logs(request))
     return JSONResponse(body, status_code=200 if record.done else 202)
 
 
@@ -142,10 +142,12 @@ async def status(request: Request, owner: str, alias: str, request_id: str) -> J
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **errors(401, 404)},
 )
-async def status_stream(request: Request, owner: str, alias: str, request_id: str) -> StreamingResponse:
-    record = _find(request, owner, alias, request_id)
-    scheduler, with_logs = _scheduler(request), _wants_logs(request)
-    ping_seconds: float = request.app.state.settings.sse_ping_seconds
+async def status_stream(
+    request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
+) -> StreamingResponse:
+    scheduler, with_logs = services.scheduler, _wants_logs(request)
+    record = _find(request, scheduler, owner, alias, request_id)
+    ping_seconds = services.settings.sse_ping_seconds
 
     async def events() -> AsyncIterator[str]:
         # Each event carries only the log entries not sent before: the JS client appends them to a list.
@@ -178,8 +180,10 @@ async def status_stream(request: Request, owner: str, alias: str, request_id: st
     response_model=Flux2Output,
     responses=errors(400, 401, 404, 422, 500, 503, 504),
 )
-async def result(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
-    record = _find(request, owner, alias, request_id)
+async def result(
+    request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
+) -> JSONResponse:
+    record = _find(request, services.scheduler, owner, alias, request_id)
     if not record.done:
         raise FalHTTPError(400, {"detail": "Request is still in progress"})
     assert record.outcome is not None
@@ -204,9 +208,11 @@ _CANCEL_CODES = {
         **errors(401),
     },
 )
-async def cancel(request: Request, owner: str, alias: str, request_id: str) -> JSONResponse:
-    setattr(request.state, REQUEST_ID_STATE, request_id)
-    if _visible(request, owner, alias, request_id) is None:
+async def cancel(
+    request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
+) -> JSONResponse:
+    answer_as(request, request_id)
+    if _visible(request, services.scheduler, owner, alias, request_id) is None:
         return JSONResponse({"status": CancelResult.NOT_FOUND.value}, status_code=404)
-    outcome = _scheduler(request).cancel(request_id)
+    outcome = services.scheduler.cancel(request_id)
     return JSONResponse({"status": outcome.value}, status_code=_CANCEL_CODES[outcome])

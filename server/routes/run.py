@@ -9,10 +9,11 @@ from server.auth import require_key
 from server.errors import outcome_response
 from server.intake import new_record, refuse_when_full
 from server.jobs import JobRecord
-from server.middleware import REQUEST_ID_STATE
+from server.middleware import answer_as
 from server.openapi import body_schema, errors
 from server.scheduler import Scheduler
 from server.schemas import APPS, Flux2Output
+from server.services import ServicesDep
 
 router = APIRouter(tags=["sync"], dependencies=[Depends(require_key)])
 
@@ -30,11 +31,11 @@ async def _wait_or_cancel(scheduler: Scheduler, record: JobRecord, request: Requ
 
 
 def _add_route(app_id: str) -> None:
-    async def run(request: Request) -> JSONResponse:
-        scheduler: Scheduler = request.app.state.scheduler
-        refuse_when_full(request, scheduler)
-        record = await new_record(app_id, request)
-        setattr(request.state, REQUEST_ID_STATE, record.request_id)
+    async def run(request: Request, services: ServicesDep) -> JSONResponse:
+        scheduler = services.scheduler
+        refuse_when_full(request, services)
+        record = await new_record(app_id, request, services)
+        answer_as(request, record.request_id)
         scheduler.accept(record)
         if not await _wait_or_cancel(scheduler, record, request):
             return JSONResponse({"detail": "client disconnected"}, status_code=499)  # nobody reads this

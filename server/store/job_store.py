@@ -21,6 +21,7 @@ class JobStore(Protocol):
     def save(self, record: JobRecord) -> None: ...
     def load_all(self) -> list[JobRecord]: ...
     def delete_finished_before(self, cutoff: float) -> list[str]: ...
+    def settle_webhook(self, request_id: str) -> None: ...
 
 
 _INSERTS: dict[str, Callable[[sa.Table], Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
@@ -46,6 +47,14 @@ class SqlJobStore:
         with self._engine.connect() as connection:
             rows = connection.execute(sa.select(jobs).order_by(jobs.c.created_at)).all()
         return [_record(row._mapping) for row in rows]
+
+    def settle_webhook(self, request_id: str) -> None:
+        """The request's webhook arrived or was given up on: not to be sent again after a restart. (A
+        request forgotten meanwhile stays forgotten.)"""
+        with self._engine.begin() as connection:
+            connection.execute(
+                sa.update(jobs).where(jobs.c.request_id == request_id).values(webhook_pending=False)
+            )
 
     def delete_finished_before(self, cutoff: float) -> list[str]:
         """Forget requests that completed before `cutoff`; returns their ids."""

@@ -116,3 +116,13 @@ jobs = sa.Table(
     sa.Column("webhook_pending", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("jobs_by_finish", "finished_at"),
 )
+
+# Every stored file (generated images; uploads next) and who may read it.
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text),  # digest of the API key of the request that made it (None: keys off)
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("files_by_age", "created_at"),
+)

@@ -2,17 +2,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from pipeline.models import load_registry
 from server.app import create_app
 from server.config import Settings
-from server.scheduler import Scheduler
+from server.services import Services
+from server.worker_process import Listener
 from tests.server.standin import StandInWorker
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class SettledClient(TestClient):
+    """A test client that lets the server finish what the stand-in worker set off (images being stored)
+    before each call, as the round trip of a real client would."""
+
+    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        services: Services = self.app.state.services  # type: ignore[attr-defined]
+        if self.portal is not None:
+            self.portal.call(services.scheduler.completion.drain)
+        return super().send(request, **kwargs)
 
 
 class Harness:
@@ -24,17 +38,20 @@ class Harness:
 def _harness(tmp_path: Path, hold: bool, **overrides: object) -> Iterator[Harness]:
     workers: list[StandInWorker] = []
 
-    def factory(scheduler: Scheduler) -> StandInWorker:
-        workers.append(StandInWorker(scheduler.listener, hold=hold))
+    def factory(listener: Listener) -> StandInWorker:
+        workers.append(StandInWorker(listener, hold=hold))
         return workers[-1]
 
     settings = Settings.load(
         env={}, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", sse_ping_seconds=0.2, **overrides
     )
     app = create_app(settings, load_registry(ROOT / "models.yaml"), worker_factory=factory)
-    with TestClient(app, base_url="http://testserver") as client:
+    with SettledClient(app, base_url="http://testserver") as client:
+        worker = workers[0]
+        worker.portal = client.portal
+        worker.settle = app.state.services.scheduler.completion.drain
         client.get("/ready")  # lets the stand-in's WorkerReady through
-        yield Harness(client, workers[0])
+        yield Harness(client, worker)
 
 
 @pytest.fixture

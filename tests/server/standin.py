@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Awaitable, Callable
 
+from anyio.from_thread import BlockingPortal
 from PIL import Image
 
 from pipeline.messages import (
     EncodedImage,
     FailureKind,
+    FromWorker,
     Job,
     JobFailed,
     JobStarted,
@@ -22,7 +25,7 @@ from pipeline.messages import (
     WorkerReady,
     WorkerStats,
 )
-from server.worker_process import Listener
+from server.worker_process import Listener, WorkerExited
 
 
 def png(width: int, height: int) -> bytes:
@@ -36,8 +39,12 @@ class StandInWorker:
         self.listener = listener
         self.hold = hold  # keep each job running until release() or a cancel
         self.submitted: list[Job] = []
+        self.portal: BlockingPortal | None = None  # the test client's way onto the server's event loop
+        self.settle: Callable[[], Awaitable[None]] | None = None  # waits for the server's work in flight
         self._running: Job | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- the Worker interface, called by the server on its event loop -----------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -50,20 +57,7 @@ class StandInWorker:
         self._loop.call_soon(self.listener, JobStarted(job.request_id))
         self._loop.call_soon(self.listener, StepProgress(job.request_id, 1, job.params.num_inference_steps))
         if not self.hold:
-            self._loop.call_soon(self.release)
-
-    def release(self) -> None:
-        job, self._running = self._running, None
-        if job is None:
-            return
-        p = job.params
-        image = EncodedImage(png(p.width, p.height), "image/png", p.width, p.height)
-        self.listener(
-            JobSucceeded(
-                job.request_id, (image,) * p.num_images, p.seed, p.prompt, (False,) * p.num_images, 0.01
-            )
-        )
-        self.listener(WorkerStats(0.002, 1, 2, 0, 0, 0, 0))
+            self._loop.call_soon(self._finish)
 
     def cancel(self, request_id: str) -> None:
         assert self._loop is not None
@@ -75,3 +69,40 @@ class StandInWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._running = None
+
+    # --- driven by the test, from its own thread ---------------------------------------------------------
+
+    def release(self) -> None:
+        """Finish the running job; returns once the server has recorded its outcome."""
+        assert self.portal is not None
+        self.portal.call(self._release)
+
+    def send(self, message: FromWorker | WorkerExited) -> None:
+        """Say what a worker would say; returns once the server has settled what it set off."""
+        assert self.portal is not None
+        self.portal.call(self._send, message)
+
+    async def _release(self) -> None:
+        self._finish()
+        await self._settled()
+
+    async def _send(self, message: FromWorker | WorkerExited) -> None:
+        self.listener(message)
+        await self._settled()
+
+    async def _settled(self) -> None:
+        if self.settle is not None:
+            await self.settle()
+
+    def _finish(self) -> None:
+        job, self._running = self._running, None
+        if job is None:
+            return
+        p = job.params
+        image = EncodedImage(png(p.width, p.height), "image/png", p.width, p.height)
+        self.listener(
+            JobSucceeded(
+                job.request_id, (image,) * p.num_images, p.seed, p.prompt, (False,) * p.num_images, 0.01
+            )
+        )
+        self.listener(WorkerStats(0.002, 1, 2, 0, 0, 0, 0))

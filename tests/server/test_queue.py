@@ -137,7 +137,7 @@ def test_status_stream_pings_while_waiting(held: Harness) -> None:
 
 def test_worker_crash_fails_only_the_request_in_hand(held: Harness) -> None:
     crashed, waiting = submit(held), submit(held)
-    held.worker.listener(WorkerExited(-9))  # as the process pump reports a dead child
+    held.worker.send(WorkerExited(-9))  # as the process pump reports a dead child
     result = held.client.get(crashed["response_url"])
     assert result.status_code == 503
     assert result.json()["error_type"] == "runner_disconnected"
@@ -208,9 +208,7 @@ def test_openapi_documents_the_input(harness: Harness) -> None:
 
 def test_out_of_memory_is_a_503_and_the_queue_goes_on(held: Harness) -> None:
     oom, waiting = submit(held), submit(held)
-    held.worker.listener(
-        JobFailed(oom["request_id"], FailureKind.OUT_OF_MEMORY, "out of device memory: 2 GiB")
-    )
+    held.worker.send(JobFailed(oom["request_id"], FailureKind.OUT_OF_MEMORY, "out of device memory: 2 GiB"))
     result = held.client.get(oom["response_url"])
     assert result.status_code == 503
     assert result.json() == {"detail": "out of device memory: 2 GiB", "error_type": "out_of_memory"}

@@ -172,3 +172,30 @@ def test_a_store_from_before_migrations_keeps_its_requests_and_their_loras(tmp_p
     assert loaded.params == GenerationParams("p", 512, 512, 4, 2.5, 7)
     with database.engine.connect() as connection:
         assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() is not None
+
+
+def test_files_of_requests_completed_before_the_files_table_stay_served_to_their_owner(
+    tmp_path: Path,
+) -> None:
+    from server.files import FileStore
+
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(FIRST_SCHEMA)
+    outcome = (
+        '{"status_code": 200, "body": {"images": [{"file_name": "0123456789abcdef0123456789abcdef.png"}]},'
+        ' "error": null, "error_type": null, "headers": {}}'
+    )
+    old.execute(
+        "INSERT INTO jobs (request_id, app_id, request_input, base_url, params, priority, status, created_at,"
+        " finished_at, logs, outcome, owner) VALUES ('r3', 'fal-ai/flux-2', '{}', 'http://h/', NULL, 0,"
+        " 'COMPLETED', 1.0, 2.0, '[]', ?, 'alpha')",
+        (outcome,),
+    )
+    old.commit()
+    old.close()
+    files = FileStore(tmp_path / "files", migrated(sqlite_url(path)))
+    (tmp_path / "files" / "0123456789abcdef0123456789abcdef.png").write_bytes(b"png")
+    assert files.path_for("0123456789abcdef0123456789abcdef.png", "alpha") is not None
+    assert files.path_for("0123456789abcdef0123456789abcdef.png", "beta") is None
+    assert files.expire(cutoff=2.5) == 1 and not any((tmp_path / "files").iterdir())

@@ -1,0 +1,92 @@
+"""Completion: where every accepted request ends. Its outcome goes to the record (waking the sync route
+and status streams), the store, the client's webhook and the metrics; its LoRA files are released.
+
+A generation's images are written to disk in a worker thread while the GPU moves on to the next job;
+the request completes once they are stored (or with a 500 when they cannot be: a full disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pipeline.messages import JobSucceeded
+from server.fetch.stage import FetchStage
+from server.jobs import JobRecord
+from server.metrics import Metrics
+from server.outcome import Failure, Outcome, failed
+from server.outputs import OutputBuilder
+from server.store.job_store import JobStore
+from server.webhooks import WebhookSender, webhook_payload
+
+log = logging.getLogger(__name__)
+
+
+class Completion:
+    def __init__(
+        self,
+        outputs: OutputBuilder,
+        fetch: FetchStage,
+        metrics: Metrics,
+        store: JobStore | None = None,
+        webhooks: WebhookSender | None = None,
+    ) -> None:
+        self.outputs = outputs
+        self.fetch = fetch
+        self.metrics = metrics
+        self.store = store
+        self.webhooks = webhooks
+        self._storing: set[asyncio.Task[None]] = set()
+
+    def persist(self, record: JobRecord) -> None:
+        if record.durable and self.store is not None:
+            self.store.save(record)
+
+    def close(self, record: JobRecord, outcome: Outcome, inference_seconds: float | None = None) -> None:
+        """The request is over: record its outcome everywhere it goes."""
+        self.fetch.release(record)
+        record.complete(outcome, inference_seconds)
+        self.persist(record)
+        self.metrics.completed(record, outcome)
+        self.send_webhook(record)
+        result = "ok" if outcome.ok else f"{outcome.status_code} {outcome.error_type}: {outcome.error}"
+        log.info("completed: %s", result, extra={"request_id": record.request_id})
+
+    def succeed(self, record: JobRecord, result: JobSucceeded) -> None:
+        """Store the images off the event loop, then close the request with its output."""
+        task = asyncio.create_task(self._store_images(record, result))
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+
+    async def _store_images(self, record: JobRecord, result: JobSucceeded) -> None:
+        try:
+            outcome = await self.outputs.build(record, result)
+        except Exception as exc:  # a full disk, a store that went away: the request still completes
+            log.exception("storing the images failed", extra={"request_id": record.request_id})
+            outcome = failed(Failure.INTERNAL, f"the images could not be stored: {exc}")
+            record.log(outcome.error or "", level="ERROR")
+        self.close(record, outcome, result.inference_seconds)
+
+    async def drain(self) -> None:
+        """Wait for images being stored (at shutdown), so those requests complete first."""
+        if self._storing:
+            await asyncio.gather(*self._storing, return_exceptions=True)
+
+    def send_webhook(self, record: JobRecord) -> None:
+        """Deliver in the background; once it arrives or is given up on, the store stops asking for it. A
+        delivery cut off by shutdown stays pending and is sent again after the restart (at least once: a
+        receiver tells repeats by `request_id`)."""
+        outcome = record.outcome
+        if not record.webhook_pending or not record.webhook_url or self.webhooks is None or outcome is None:
+            return
+        rid = record.request_id
+        body = webhook_payload(rid, rid, outcome.ok, outcome.body, None if outcome.ok else outcome.error)
+
+        def settled(task: asyncio.Task[bool]) -> None:
+            if task.cancelled():  # shut down: still pending
+                return
+            record.webhook_pending = False
+            if self.store is not None:
+                self.store.settle_webhook(rid)
+
+        self.webhooks.deliver(record.webhook_url, rid, body).add_done_callback(settled)

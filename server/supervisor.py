@@ -1,0 +1,212 @@
+"""The worker supervisor: starts the GPU worker, hands it one job at a time, reads what it says, stops a
+job that runs past the run timeout, and restarts the worker after a crash (up to `max_restarts`).
+
+`Worker` is the seam: `WorkerProcess` (a spawned child) in production, stand-ins in unit tests, remote
+workers later. Everything here runs on the event loop's thread, where the worker's messages arrive too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Protocol
+
+from pipeline.messages import (
+    FailureKind,
+    FromWorker,
+    Job,
+    JobFailed,
+    JobStarted,
+    JobSucceeded,
+    StepProgress,
+    WorkerReady,
+    WorkerStartupFailed,
+    WorkerStats,
+)
+from server.jobs import IllegalTransition, JobRecord
+from server.metrics import Metrics
+from server.outcome import Failure, Outcome, failed, worker_failed
+from server.worker_process import Listener, WorkerExited
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    def submit(self, job: Job) -> None: ...
+    def cancel(self, request_id: str) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
+WorkerFactory = Callable[[Listener], Worker]  # given where to send the worker's messages
+
+
+class WorkerState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"  # loading the model
+    READY = "ready"
+    FAILED = "failed"  # the model could not be loaded, or the worker died too often: nothing will run
+
+
+_ALLOWED = {
+    WorkerState.STOPPED: {WorkerState.STARTING},
+    WorkerState.STARTING: {WorkerState.READY, WorkerState.FAILED, WorkerState.STOPPED},
+    WorkerState.READY: {WorkerState.STARTING, WorkerState.FAILED, WorkerState.STOPPED},  # a restart
+    WorkerState.FAILED: {WorkerState.STOPPED},
+}
+
+
+class SupervisorEvents(Protocol):
+    """What the supervisor tells the scheduler."""
+
+    def job_ended(
+        self, record: JobRecord, result: JobSucceeded | Outcome, inference_seconds: float | None
+    ) -> None:
+        """The job in hand is over: its images, or the failure to answer with."""
+
+    def worker_unavailable(self) -> None:
+        """The worker entered FAILED: nothing will run any more."""
+
+    def worker_idle(self) -> None:
+        """The worker may take the next job (called after every message)."""
+
+
+class WorkerSupervisor:
+    def __init__(
+        self,
+        spawn: WorkerFactory,
+        events: SupervisorEvents,
+        metrics: Metrics,
+        run_timeout: float | None = None,
+        max_restarts: int = 3,
+    ) -> None:
+        self._spawn = spawn
+        self._events = events
+        self._metrics = metrics
+        self.run_timeout = run_timeout
+        self.max_restarts = max_restarts
+        self.state = WorkerState.STOPPED
+        self.ready_info: WorkerReady | None = None
+        self.failure: str | None = None
+        self.restarts = 0
+        self.running: JobRecord | None = None  # the job in hand
+        self._worker: Worker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.state is WorkerState.READY and self.running is None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._worker = self._spawn(self._on_message)
+        self._move_to(WorkerState.STARTING)
+        self._worker.start(self._loop)
+
+    def stop(self) -> None:
+        if self.state is not WorkerState.STOPPED:
+            self._move_to(WorkerState.STOPPED)
+        if self._worker is not None:
+            self._worker.stop()
+
+    def run(self, record: JobRecord) -> None:
+        """Hand the worker its next job; only when idle."""
+        assert self.idle and self._worker is not None and self._loop is not None
+        self.running = record
+        if self.run_timeout is not None:
+            self._loop.call_later(self.run_timeout, self._run_expired, record)
+        self._worker.submit(record.job())
+
+    def cancel(self, record: JobRecord) -> None:
+        """Ask the worker to stop the job in hand at its next step (it answers with JobFailed)."""
+        if self._worker is not None:
+            self._worker.cancel(record.request_id)
+
+    def _move_to(self, state: WorkerState) -> None:
+        if state not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"worker: {self.state.value} -> {state.value}")
+        self.state = state
+
+    def _run_expired(self, record: JobRecord) -> None:
+        if self.running is record:
+            record.timed_out = True
+            record.log(f"stopping: ran longer than {self.run_timeout:g} s", level="ERROR")
+            self.cancel(record)
+
+    def _on_message(self, message: FromWorker | WorkerExited) -> None:
+        if self.state is WorkerState.STOPPED:
+            return  # shutting down: nothing more is recorded
+        if isinstance(message, WorkerReady):
+            self._ready(message)
+        elif isinstance(message, WorkerStartupFailed):
+            self._fail(f"the model could not be loaded: {message.message}")
+        elif isinstance(message, WorkerExited):
+            self._exited(message)
+        elif isinstance(message, WorkerStats):
+            self._metrics.worker_stats(message)
+        else:
+            self._job_message(message)
+        self._events.worker_idle()
+
+    def _ready(self, ready: WorkerReady) -> None:
+        self._move_to(WorkerState.READY)
+        self.ready_info, self.failure = ready, None
+        log.warning(
+            "READY: model %r on %s (%s, memory profile %r, %s, attention %s), loaded in %.1f s",
+            ready.model,
+            ready.device,
+            ready.dtype,
+            ready.memory_profile,
+            "compiled" if ready.compiled else "eager",
+            ready.attention_backend,
+            ready.load_seconds,
+        )
+
+    def _job_message(self, message: JobStarted | StepProgress | JobSucceeded | JobFailed) -> None:
+        record = self.running
+        if record is None or message.request_id != record.request_id:
+            log.error("ignoring a worker message for a request not in progress: %r", message)
+        elif isinstance(message, JobStarted):
+            record.log("generation started")
+        elif isinstance(message, StepProgress):
+            record.log(f"step {message.step}/{message.total}")
+        elif isinstance(message, JobSucceeded):
+            self._end(record, message, message.inference_seconds)
+        elif record.timed_out and message.kind is FailureKind.CANCELLED:
+            self._end(
+                record,
+                failed(Failure.RUN_TIMEOUT, f"Generation ran longer than {self.run_timeout:g} s"),
+                message.inference_seconds,
+            )
+        else:
+            self._end(record, worker_failed(message, record.request_input), message.inference_seconds)
+
+    def _end(
+        self, record: JobRecord, result: JobSucceeded | Outcome, inference_seconds: float | None
+    ) -> None:
+        self.running = None
+        self._events.job_ended(record, result, inference_seconds)
+
+    def _exited(self, exited: WorkerExited) -> None:
+        if self.state is WorkerState.FAILED:
+            return  # it already said why it stopped (the model could not be loaded)
+        detail = f"the GPU worker exited unexpectedly (exit code {exited.exitcode})"
+        if self.running is not None:
+            self._end(self.running, failed(Failure.WORKER_LOST, detail), None)
+        if self.state is not WorkerState.READY or self.restarts >= self.max_restarts:
+            self._fail(detail)
+            return
+        self.restarts += 1
+        self._metrics.worker_restarts.inc()
+        log.error("%s; restarting it (%d of %d)", detail, self.restarts, self.max_restarts)
+        assert self._worker is not None and self._loop is not None
+        self._move_to(WorkerState.STARTING)
+        self._worker.start(self._loop)
+
+    def _fail(self, reason: str) -> None:
+        log.error("NOT SERVING: %s", reason)
+        self._move_to(WorkerState.FAILED)
+        self.failure = reason
+        self._events.worker_unavailable()
