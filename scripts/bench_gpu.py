@@ -29,6 +29,9 @@ on the CPU (256x256 image, 32 text tokens). It proves the script works; its numb
 
     .venv/bin/python scripts/bench_gpu.py [--reduced] [--steps 28] [--size 1024] [--max-rank 128]
         [--repeats 3] [--switches 5] [--json PATH]
+
+Where the project is not installed (a lent GPU machine with the repository copied over), run it from the
+repository's root as `PYTHONPATH=. python3 scripts/bench_gpu.py`.
 """
 
 from __future__ import annotations
