@@ -90,6 +90,7 @@ class WorkerReady:
     compiled: bool = False  # `regular` and `high` run compiled blocks
     attention_backend: str = "native"
     memory_profile: str = "full"
+    pid: int = 0  # the worker's process id (to inspect a worker that hangs)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import time
 import traceback
@@ -99,6 +100,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         compiled=compile_blocks,
         attention_backend=accelerator.attention_backend,
         memory_profile=loaded.profile.name,
+        pid=os.getpid(),
     )
     return generator, ready
 
@@ -167,6 +169,9 @@ def run_worker(
     `cancelled_id` holds the id of a request the server wants stopped; the running job checks it after
     every denoising step. Keyed by id, so a cancel that arrives late can never hit the next job.
     """
+    # A process group of its own: the server can kill it with everything it starts (torch.compile's
+    # workers) if it hangs, and a terminal's Ctrl-C reaches only the server, which stops it in order.
+    os.setsid()
     configure_logging(config.log_level, config.log_json)
     try:
         generator, ready = load_generator(config)

@@ -64,7 +64,7 @@ def create_app(
         metrics,
         store=store,
         webhooks=webhooks,
-        run_timeout=settings.run_timeout_seconds,
+        limits=settings.watchdog_limits(),
     )
 
     @asynccontextmanager

@@ -20,6 +20,7 @@ from pipeline.messages import WorkerConfig
 from pipeline.models import PACKAGED_REGISTRY, Registry
 from server.fetch.lora_fetcher import LoraPolicy
 from server.schemas import PRESET_SIZES
+from server.watchdog import WatchdogLimits
 
 ENV_PREFIX = "FLUX2_"
 
@@ -88,6 +89,9 @@ class Settings(BaseSettings):
     # Limits
     max_queue: int = 1000  # requests waiting (queued or fetching LoRAs); more are answered 429
     run_timeout_seconds: float = 600.0  # a generation running longer is stopped (504 generation_timeout)
+    cancel_grace_seconds: float = 30.0  # then it has this long to stop before the worker is killed
+    heartbeat_seconds: float = 120.0  # a running worker silent this long is hung: killed and replaced
+    startup_timeout_seconds: float = 3600.0  # a model load longer than this is a failed start
     max_body_bytes: int = 1024**2  # request bodies (413 above)
     max_header_bytes: int = 16 * 1024  # request target and headers (431 above)
     # Acceleration
@@ -132,6 +136,14 @@ class Settings(BaseSettings):
             allow_private_addresses=self.allow_private_lora_urls,
             max_total_bytes=self.lora_request_max_bytes,
             cache_max_bytes=self.lora_cache_max_bytes,
+        )
+
+    def watchdog_limits(self) -> WatchdogLimits:
+        return WatchdogLimits(
+            run_timeout=self.run_timeout_seconds,
+            cancel_grace=self.cancel_grace_seconds,
+            heartbeat=self.heartbeat_seconds,
+            startup=self.startup_timeout_seconds,
         )
 
     def worker_config(self, registry: Registry) -> WorkerConfig:

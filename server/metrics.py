@@ -57,7 +57,13 @@ class Metrics:
             registry=r,
         )
         self.worker_restarts = Counter(
-            "flux2_worker_restarts", "GPU worker restarts after a crash", registry=r
+            "flux2_worker_restarts", "GPU worker restarts after a crash or a hang", registry=r
+        )
+        self.watchdog_kills = Counter(
+            "flux2_worker_watchdog_kills",
+            "Hung GPU workers killed, by sign: run_timeout, silent, startup",
+            ["reason"],
+            registry=r,
         )
         self.stats: WorkerStats | None = None
         r.register(_CacheCollector(disk_cache, lambda: self.stats))

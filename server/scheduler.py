@@ -22,6 +22,7 @@ from server.outputs import OutputBuilder
 from server.request_queue import RequestQueue
 from server.store.job_store import JobStore
 from server.supervisor import WorkerFactory, WorkerState, WorkerSupervisor
+from server.watchdog import WatchdogLimits
 from server.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,13 @@ class Scheduler:
         metrics: Metrics,
         store: JobStore | None = None,
         webhooks: WebhookSender | None = None,
-        run_timeout: float | None = None,
+        limits: WatchdogLimits | None = None,
         max_restarts: int = 3,
     ) -> None:
         self.jobs: dict[str, JobRecord] = {}
         self.fetch = fetch
         self.queue = RequestQueue()
-        self.supervisor = WorkerSupervisor(spawn_worker, self, metrics, run_timeout, max_restarts)
+        self.supervisor = WorkerSupervisor(spawn_worker, self, metrics, limits, max_restarts)
         self.completion = Completion(outputs, fetch, metrics, store, webhooks)
         self.store = store
         self.metrics = metrics

@@ -188,6 +188,7 @@ class ReadyBody(BaseModel):
     compiled: bool | None  # `regular` and `high` run compiled transformer blocks
     attention_backend: str | None
     memory_profile: str | None  # how the weights are held (models.yaml `memory_profiles`)
+    worker_pid: int | None  # the ready worker's process id
     queue_depth: int
     worker_restarts: int
     error: str | None

@@ -1,5 +1,6 @@
-"""The worker supervisor: starts the GPU worker, hands it one job at a time, reads what it says, stops a
-job that runs past the run timeout, and restarts the worker after a crash (up to `max_restarts`).
+"""The worker supervisor: starts the GPU worker, hands it one job at a time, reads what it says, and
+replaces it when it dies or hangs (up to `max_restarts` times): the watchdog says when it hangs, and a
+hung worker is killed, child processes and all, rather than asked.
 
 `Worker` is the seam: `WorkerProcess` (a spawned child) in production, stand-ins in unit tests, remote
 workers later. Everything here runs on the event loop's thread, where the worker's messages arrive too.
@@ -28,6 +29,7 @@ from pipeline.messages import (
 from server.jobs import IllegalTransition, JobRecord
 from server.metrics import Metrics
 from server.outcome import Failure, Outcome, failed, worker_failed
+from server.watchdog import Hang, Watchdog, WatchdogLimits
 from server.worker_process import Listener, WorkerExited
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Worker(Protocol):
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def submit(self, job: Job) -> None: ...
     def cancel(self, request_id: str) -> None: ...
+    def kill(self) -> None: ...  # at once, without asking: it exits, and says so (`WorkerExited`)
     def stop(self, timeout: float = 10.0) -> None: ...
 
 
@@ -79,13 +82,13 @@ class WorkerSupervisor:
         spawn: WorkerFactory,
         events: SupervisorEvents,
         metrics: Metrics,
-        run_timeout: float | None = None,
+        limits: WatchdogLimits | None = None,
         max_restarts: int = 3,
     ) -> None:
         self._spawn = spawn
         self._events = events
         self._metrics = metrics
-        self.run_timeout = run_timeout
+        self.limits = limits or WatchdogLimits()
         self.max_restarts = max_restarts
         self.state = WorkerState.STOPPED
         self.ready_info: WorkerReady | None = None
@@ -94,6 +97,9 @@ class WorkerSupervisor:
         self.running: JobRecord | None = None  # the job in hand
         self._worker: Worker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog = Watchdog(self.limits, self._overran, self._hung)
+        self._killed: str | None = None  # why the watchdog killed the worker, until its exit is seen
+        self._replacing = False  # killed while serving: start a new one once the old one is gone
 
     @property
     def idle(self) -> bool:
@@ -102,10 +108,11 @@ class WorkerSupervisor:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._worker = self._spawn(self._on_message)
-        self._move_to(WorkerState.STARTING)
-        self._worker.start(self._loop)
+        self._watchdog.start()
+        self._launch()
 
     def stop(self) -> None:
+        self._watchdog.stop()
         if self.state is not WorkerState.STOPPED:
             self._move_to(WorkerState.STOPPED)
         if self._worker is not None:
@@ -113,10 +120,9 @@ class WorkerSupervisor:
 
     def run(self, record: JobRecord) -> None:
         """Hand the worker its next job; only when idle."""
-        assert self.idle and self._worker is not None and self._loop is not None
+        assert self.idle and self._worker is not None
         self.running = record
-        if self.run_timeout is not None:
-            self._loop.call_later(self.run_timeout, self._run_expired, record)
+        self._watchdog.running()
         self._worker.submit(record.job())
 
     def cancel(self, record: JobRecord) -> None:
@@ -129,11 +135,45 @@ class WorkerSupervisor:
             raise IllegalTransition(f"worker: {self.state.value} -> {state.value}")
         self.state = state
 
-    def _run_expired(self, record: JobRecord) -> None:
-        if self.running is record:
+    def _launch(self) -> None:
+        assert self._worker is not None and self._loop is not None
+        if self.state is not WorkerState.STARTING:
+            self._move_to(WorkerState.STARTING)
+        self._watchdog.loading()
+        self._worker.start(self._loop)
+
+    def _overran(self) -> None:
+        """The job in hand reached the run timeout: ask it to stop at its next step."""
+        record = self.running
+        if record is not None:
             record.timed_out = True
-            record.log(f"stopping: ran longer than {self.run_timeout:g} s", level="ERROR")
+            record.log(f"stopping: ran longer than {self.limits.run_timeout:g} s", level="ERROR")
             self.cancel(record)
+
+    def _hung(self, hang: Hang) -> None:
+        """Kill a hung worker. The job in hand fails now; a new worker starts once the old one's exit is
+        seen (a load that hung is a failed start: the same load would hang again)."""
+        limits = self.limits
+        if hang is Hang.STARTUP:
+            self._killed = f"the model did not load within {limits.startup:g} s"
+        else:
+            if hang is Hang.RUN_TIMEOUT:
+                self._killed = f"the GPU worker did not stop within {limits.cancel_grace:g} s of being asked"
+                detail = (
+                    f"Generation ran longer than {limits.run_timeout:g} s; {self._killed}, and was restarted"
+                )
+                outcome = failed(Failure.RUN_TIMEOUT, detail)
+            else:
+                self._killed = f"the GPU worker sent nothing for {limits.heartbeat:g} s (hung)"
+                outcome = failed(Failure.WORKER_LOST, f"{self._killed}, and was restarted")
+            self._replacing = True
+            self._move_to(WorkerState.STARTING)  # no job goes to it any more
+            if self.running is not None:
+                self._end(self.running, outcome, None)
+        self._metrics.watchdog_kills.labels(hang.value).inc()
+        log.error("WATCHDOG: %s; killing the worker", self._killed)
+        assert self._worker is not None
+        self._worker.kill()
 
     def _on_message(self, message: FromWorker | WorkerExited) -> None:
         if self.state is WorkerState.STOPPED:
@@ -152,6 +192,7 @@ class WorkerSupervisor:
 
     def _ready(self, ready: WorkerReady) -> None:
         self._move_to(WorkerState.READY)
+        self._watchdog.idle()
         self.ready_info, self.failure = ready, None
         log.warning(
             "READY: model %r on %s (%s, memory profile %r, %s, attention %s), loaded in %.1f s",
@@ -168,7 +209,9 @@ class WorkerSupervisor:
         record = self.running
         if record is None or message.request_id != record.request_id:
             log.error("ignoring a worker message for a request not in progress: %r", message)
-        elif isinstance(message, JobStarted):
+            return
+        self._watchdog.heard()
+        if isinstance(message, JobStarted):
             record.log("generation started")
         elif isinstance(message, StepProgress):
             record.log(f"step {message.step}/{message.total}")
@@ -177,7 +220,7 @@ class WorkerSupervisor:
         elif record.timed_out and message.kind is FailureKind.CANCELLED:
             self._end(
                 record,
-                failed(Failure.RUN_TIMEOUT, f"Generation ran longer than {self.run_timeout:g} s"),
+                failed(Failure.RUN_TIMEOUT, f"Generation ran longer than {self.limits.run_timeout:g} s"),
                 message.inference_seconds,
             )
         else:
@@ -187,26 +230,27 @@ class WorkerSupervisor:
         self, record: JobRecord, result: JobSucceeded | Outcome, inference_seconds: float | None
     ) -> None:
         self.running = None
+        self._watchdog.idle()
         self._events.job_ended(record, result, inference_seconds)
 
     def _exited(self, exited: WorkerExited) -> None:
         if self.state is WorkerState.FAILED:
             return  # it already said why it stopped (the model could not be loaded)
-        detail = f"the GPU worker exited unexpectedly (exit code {exited.exitcode})"
+        detail = self._killed or f"the GPU worker exited unexpectedly (exit code {exited.exitcode})"
+        replacing, self._killed, self._replacing = self._replacing, None, False
         if self.running is not None:
             self._end(self.running, failed(Failure.WORKER_LOST, detail), None)
-        if self.state is not WorkerState.READY or self.restarts >= self.max_restarts:
+        if not (self.state is WorkerState.READY or replacing) or self.restarts >= self.max_restarts:
             self._fail(detail)
             return
         self.restarts += 1
         self._metrics.worker_restarts.inc()
         log.error("%s; restarting it (%d of %d)", detail, self.restarts, self.max_restarts)
-        assert self._worker is not None and self._loop is not None
-        self._move_to(WorkerState.STARTING)
-        self._worker.start(self._loop)
+        self._launch()
 
     def _fail(self, reason: str) -> None:
         log.error("NOT SERVING: %s", reason)
+        self._watchdog.idle()
         self._move_to(WorkerState.FAILED)
         self.failure = reason
         self._events.worker_unavailable()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
@@ -80,6 +82,20 @@ class WorkerProcess:
     def cancel(self, request_id: str) -> None:
         """Ask the running job to stop at its next denoising step."""
         self._cancelled_id.value = request_id.encode()[:_REQUEST_ID_BYTES]
+
+    def kill(self) -> None:
+        """Stop the child at once, with every process it started (torch.compile's workers), without
+        asking: a hung worker never reads its inbox. The pump then reports the exit."""
+        process = self._process
+        if process is None or process.pid is None:
+            return
+        try:
+            if os.getpgid(process.pid) == process.pid:  # its own process group (see run_worker)
+                os.killpg(process.pid, signal.SIGKILL)
+                return
+        except ProcessLookupError:
+            return  # already gone
+        process.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._process is None:

@@ -39,6 +39,7 @@ async def ready(services: ServicesDep) -> JSONResponse:
         "compiled": info.compiled if info else None,
         "attention_backend": info.attention_backend if info else None,
         "memory_profile": info.memory_profile if info else None,
+        "worker_pid": info.pid if info and supervisor.state is WorkerState.READY else None,
         "queue_depth": len(services.scheduler.queue),
         "worker_restarts": supervisor.restarts,
         "error": supervisor.failure,

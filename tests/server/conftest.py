@@ -35,11 +35,14 @@ class Harness:
         self.worker = worker
 
 
-def _harness(tmp_path: Path, hold: bool, **overrides: object) -> Iterator[Harness]:
+def _harness(
+    tmp_path: Path, hold: bool, worker: dict[str, bool] | None = None, **overrides: object
+) -> Iterator[Harness]:
+    """A server on a stand-in worker (`worker`: its StandInWorker options), settings as `overrides`."""
     workers: list[StandInWorker] = []
 
     def factory(listener: Listener) -> StandInWorker:
-        workers.append(StandInWorker(listener, hold=hold))
+        workers.append(StandInWorker(listener, hold=hold, **(worker or {})))
         return workers[-1]
 
     settings = Settings.load(
@@ -47,11 +50,11 @@ def _harness(tmp_path: Path, hold: bool, **overrides: object) -> Iterator[Harnes
     )
     app = create_app(settings, load_registry(ROOT / "models.yaml"), worker_factory=factory)
     with SettledClient(app, base_url="http://testserver") as client:
-        worker = workers[0]
-        worker.portal = client.portal
-        worker.settle = app.state.services.scheduler.completion.drain
+        stand_in = workers[0]
+        stand_in.portal = client.portal
+        stand_in.settle = app.state.services.scheduler.completion.drain
         client.get("/ready")  # lets the stand-in's WorkerReady through
-        yield Harness(client, worker)
+        yield Harness(client, stand_in)
 
 
 @pytest.fixture

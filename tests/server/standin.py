@@ -35,9 +35,14 @@ def png(width: int, height: int) -> bytes:
 
 
 class StandInWorker:
-    def __init__(self, listener: Listener, hold: bool = False) -> None:
+    def __init__(
+        self, listener: Listener, hold: bool = False, hang: bool = False, loads: bool = True
+    ) -> None:
         self.listener = listener
         self.hold = hold  # keep each job running until release() or a cancel
+        self.hang = hang  # like a hung process: no cancel is ever obeyed
+        self.loads = loads  # False: the model load never ends
+        self.kills = 0
         self.submitted: list[Job] = []
         self.portal: BlockingPortal | None = None  # the test client's way onto the server's event loop
         self.settle: Callable[[], Awaitable[None]] | None = None  # waits for the server's work in flight
@@ -48,7 +53,8 @@ class StandInWorker:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.call_soon(self.listener, WorkerReady("stand-in", "cpu", "float32", 0.0))
+        if self.loads:
+            loop.call_soon(self.listener, WorkerReady("stand-in", "cpu", "float32", 0.0))
 
     def submit(self, job: Job) -> None:
         assert self._loop is not None
@@ -61,11 +67,17 @@ class StandInWorker:
 
     def cancel(self, request_id: str) -> None:
         assert self._loop is not None
-        if self._running is not None and self._running.request_id == request_id:
+        if not self.hang and self._running is not None and self._running.request_id == request_id:
             self._running = None
             self._loop.call_soon(
                 self.listener, JobFailed(request_id, FailureKind.CANCELLED, "Request was cancelled")
             )
+
+    def kill(self) -> None:
+        assert self._loop is not None
+        self.kills += 1
+        self._running = None
+        self._loop.call_soon(self.listener, WorkerExited(-9))
 
     def stop(self, timeout: float = 10.0) -> None:
         self._running = None
