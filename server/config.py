@@ -18,6 +18,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from pipeline.messages import WorkerConfig
 from pipeline.models import PACKAGED_REGISTRY, Registry
+from server.fetch.downloads import TransferLimits
 from server.fetch.lora_fetcher import LoraPolicy
 from server.schemas import PRESET_SIZES
 from server.watchdog import WatchdogLimits
@@ -82,6 +83,11 @@ class Settings(BaseSettings):
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
+    download_deadline_seconds: float = 1800.0  # a LoRA download must end within this (from its turn)
+    download_min_bytes_per_second: int = 32 * 1024  # ... and move at least this fast over each window
+    download_rate_window_seconds: float = 30.0
+    downloads_max: int = 16  # LoRA downloads at once; more wait their turn in the fetch stage
+    downloads_per_host: int = 4  # ... and at once from one host
     prompt_cache_max_bytes: int = 1024**3  # text-encoder outputs kept on the device for repeated prompts
     api_keys: Names = ()  # FLUX2_API_KEYS=key1,key2: when set, every fal route needs one
     api_keys_file: UserPath | None = None  # or one key per line in a file
@@ -136,6 +142,13 @@ class Settings(BaseSettings):
             allow_private_addresses=self.allow_private_lora_urls,
             max_total_bytes=self.lora_request_max_bytes,
             cache_max_bytes=self.lora_cache_max_bytes,
+            transfers=TransferLimits(
+                deadline=self.download_deadline_seconds,
+                min_rate=self.download_min_bytes_per_second,
+                rate_window=self.download_rate_window_seconds,
+                max_concurrent=self.downloads_max,
+                max_per_host=self.downloads_per_host,
+            ),
         )
 
     def watchdog_limits(self) -> WatchdogLimits:

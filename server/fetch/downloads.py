@@ -3,15 +3,19 @@
 Connections go only to public addresses, pinned to the address that was checked (`address_guard`);
 redirects are followed by hand (at most 5), each hop through the same check. A download is streamed to a
 partial file, hashed on the way, size-capped as it arrives, and checked as safetensors before it enters
-the cache.
+the cache. Every download has to keep moving (a minimum rate over each window, a read timeout) and to end
+(a total deadline), and only so many run at once, in all and per host: more wait their turn, so a flood
+of slow URLs holds neither the process nor the other requests' downloads for long.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -21,16 +25,25 @@ from server.fetch.errors import FetchFailure, human_bytes
 from server.fetch.safetensors_check import CheckedFile, validate_safetensors
 
 MAX_REDIRECTS = 5
-_CHUNK = 1024 * 1024
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    connect_timeout: float = 10
+    read_timeout: float = 30  # nothing received for this long ends the download
+    deadline: float = 1800  # the whole download, redirects included, from when its turn comes
+    min_rate: int = 32 * 1024  # bytes per second, over each `rate_window`
+    rate_window: float = 30
+    max_concurrent: int = 16  # downloads at once
+    max_per_host: int = 4  # downloads at once from one host
 
 
 @dataclass(frozen=True)
 class DownloadPolicy:
     max_bytes: int
     allow_private_addresses: bool = False
-    connect_timeout: float = 10
-    read_timeout: float = 60
+    limits: TransferLimits = field(default_factory=TransferLimits)
 
 
 @dataclass
@@ -46,13 +59,23 @@ class Downloader:
         self.policy = policy
         self.cache = cache
         self._client: httpx.AsyncClient | None = None
+        self._turns = _Turns(policy.limits.max_concurrent, policy.limits.max_per_host)
 
     async def download(self, url: str, progress: Progress) -> CheckedFile:
-        """The URL's file in the cache: the one fetched before, or a new download."""
+        """The URL's file in the cache: the one fetched before, or a new download once its turn comes."""
         cached = self.cache.lookup(url)
         if cached is not None:
             return cached
-        p = self.policy
+        deadline = self.policy.limits.deadline
+        async with self._turns.turn(httpx.URL(url).host):
+            try:
+                async with asyncio.timeout(deadline):
+                    return await self._download(url, progress)
+            except TimeoutError:
+                raise FetchFailure(f"the download did not finish within {deadline:g} s") from None
+
+    async def _download(self, url: str, progress: Progress) -> CheckedFile:
+        p = self.policy.limits
         try:
             current = httpx.URL(url)
             for _hop in range(MAX_REDIRECTS + 1):
@@ -93,9 +116,9 @@ class Downloader:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            p = self.policy
+            p = self.policy.limits
             self._client = httpx.AsyncClient(
-                transport=GuardedTransport(p.allow_private_addresses),
+                transport=GuardedTransport(self.policy.allow_private_addresses),
                 timeout=httpx.Timeout(
                     connect=p.connect_timeout,
                     read=p.read_timeout,
@@ -119,12 +142,14 @@ class Downloader:
         partial = self.cache.partial_file()
         hasher = hashlib.sha256()
         total = 0
+        rate = _RateCheck(self.policy.limits)
         try:
             with partial.open("wb") as out:
-                async for chunk in resp.aiter_raw(_CHUNK):
+                async for chunk in resp.aiter_raw():  # as it arrives: a drip is seen at once
                     total += len(chunk)
                     if total > limit:
                         raise FetchFailure(f"the file is larger than the {human_bytes(limit)} limit")
+                    rate.check(total)
                     progress.streamed(total)
                     hasher.update(chunk)
                     out.write(chunk)
@@ -134,3 +159,54 @@ class Downloader:
             with contextlib.suppress(OSError):
                 partial.unlink()
             raise
+
+
+class _Turns:
+    """At most `total` downloads at once, and `per_host` from one host. A host's place in line is taken
+    before a place in all, so downloads waiting on a busy host hold no place others could use."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_host = per_host
+        self._hosts: dict[str, _Host] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, host: str) -> AsyncIterator[None]:
+        line = self._hosts.setdefault(host, _Host(asyncio.Semaphore(self._per_host)))
+        line.users += 1
+        try:
+            async with line.turns, self._total:
+                yield
+        finally:
+            line.users -= 1
+            if not line.users:  # nobody left for this host: nothing is kept per host once seen
+                del self._hosts[host]
+
+
+@dataclass
+class _Host:
+    turns: asyncio.Semaphore
+    users: int = 0  # downloading or waiting
+
+
+class _RateCheck:
+    """Fails a download that moves slower than the minimum rate over a whole window (a slow drip that
+    keeps the read timeout from ever firing)."""
+
+    def __init__(self, limits: TransferLimits) -> None:
+        self.limits = limits
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
+    def check(self, total: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self._window_start
+        if elapsed < self.limits.rate_window:
+            return
+        rate = (total - self._window_bytes) / elapsed
+        if rate < self.limits.min_rate:
+            raise FetchFailure(
+                f"the server sent {human_bytes(int(rate))}/s over {elapsed:.0f} s, under the minimum of "
+                f"{human_bytes(self.limits.min_rate)}/s"
+            )
+        self._window_start, self._window_bytes = now, total

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.messages import ResolvedLora
 from server.fetch.disk_cache import DiskCache
-from server.fetch.downloads import Downloader, DownloadPolicy, Progress
+from server.fetch.downloads import Downloader, DownloadPolicy, Progress, TransferLimits
 from server.fetch.errors import FetchFailure, LoraSourceError, human_bytes
 from server.fetch.hub import hub_file
 from server.fetch.lora_paths import LoraPaths, LoraSource
@@ -26,9 +26,8 @@ class LoraPolicy:
     folders: tuple[Path, ...] = ()
     allow_private_addresses: bool = False
     max_total_bytes: int = 5 * 1024**3  # fal's cap, per request
-    connect_timeout: float = 10
-    read_timeout: float = 60
     cache_max_bytes: int = 50 * 1024**3
+    transfers: TransferLimits = field(default_factory=TransferLimits)
 
 
 @dataclass(frozen=True)
@@ -126,15 +125,8 @@ class LoraFetcher:
         self.policy = policy
         self.paths = LoraPaths(policy.folders, policy.allow_private_addresses)
         self.cache = DiskCache(policy.cache_dir, policy.cache_max_bytes)
-        self.downloads = Downloader(
-            DownloadPolicy(
-                policy.max_total_bytes,
-                policy.allow_private_addresses,
-                policy.connect_timeout,
-                policy.read_timeout,
-            ),
-            self.cache,
-        )
+        downloads = DownloadPolicy(policy.max_total_bytes, policy.allow_private_addresses, policy.transfers)
+        self.downloads = Downloader(downloads, self.cache)
         self._flights: dict[str, _Flight] = {}
         self._local_hashes: dict[tuple[str, int, int, int], str] = {}
 
@@ -226,14 +218,24 @@ class LoraFetcher:
             elif source.kind == "local":
                 result = await asyncio.to_thread(self._local, Path(source.key))
             else:
-                file = await asyncio.to_thread(hub_file, source, self.policy.max_total_bytes)
-                result = await asyncio.to_thread(self._local, file)
+                result = await self._from_hub(source)
             # one pin per waiter, taken before any of them resumes, so no eviction can slip in between
             self.cache.pin(result.sha256, flight.waiters)
             return result
         finally:
             if self._flights.get(source.key) is flight:
                 del self._flights[source.key]
+
+    async def _from_hub(self, source: LoraSource) -> CheckedFile:
+        """huggingface_hub downloads in a thread, which cannot be stopped: past the deadline the request
+        fails, and the thread ends by huggingface_hub's own read timeout (HF_HUB_DOWNLOAD_TIMEOUT)."""
+        deadline = self.policy.transfers.deadline
+        try:
+            async with asyncio.timeout(deadline):
+                file = await asyncio.to_thread(hub_file, source, self.policy.max_total_bytes)
+        except TimeoutError:
+            raise FetchFailure(f"the Hugging Face download did not finish within {deadline:g} s") from None
+        return await asyncio.to_thread(self._local, file)
 
     def _local(self, real: Path) -> CheckedFile:
         """A file already on this machine (a LoRA folder, the Hugging Face cache): checked and hashed, the

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from server.fetch.downloads import TransferLimits
 from server.fetch.errors import LoraSourceError
 from server.fetch.lora_fetcher import LocalLora, LoraFetcher, LoraPolicy
 
@@ -30,6 +31,7 @@ class Route:
     status: int = 200
     delay: float = 0.0  # before the headers
     stall: float = 0.0  # after the headers, before the body
+    drip: float = 0.0  # the body a byte at a time, this many seconds apart
     length: int | None = -1  # -1: the true length; None: no Content-Length (close-delimited)
     location: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -67,7 +69,13 @@ class LoraServer:
                     self.end_headers()
                     self.wfile.flush()
                     time.sleep(route.stall)
-                    self.wfile.write(route.body)
+                    if route.drip:
+                        for i in range(len(route.body)):
+                            self.wfile.write(route.body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(route.drip)
+                    else:
+                        self.wfile.write(route.body)
                     if route.length is not None and route.length > len(route.body):
                         self.close_connection = True
                 except OSError:
@@ -102,10 +110,11 @@ def lora_bytes(tmp_path: Path, seed: int, n: int = 16) -> bytes:
 
 
 def policy(tmp_path: Path, **kw: Any) -> LoraPolicy:
+    """A fetcher's policy; keywords of TransferLimits go to its transfer limits."""
+    limits = {name: kw.pop(name) for name in list(kw) if name in TransferLimits.__dataclass_fields__}
+    limits = {"connect_timeout": 2, "read_timeout": 2, **limits}
     kw.setdefault("allow_private_addresses", True)  # the test server is on loopback
-    kw.setdefault("connect_timeout", 2)
-    kw.setdefault("read_timeout", 2)
-    return LoraPolicy(cache_dir=tmp_path / "cache", **kw)
+    return LoraPolicy(cache_dir=tmp_path / "cache", transfers=TransferLimits(**limits), **kw)
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:

@@ -101,8 +101,25 @@ def _truncated(tmp_path: Path) -> bytes:
         (lambda t: Route(b"<html>Not here</html>" * 10), {}, "not a safetensors file"),
         (lambda t: Route(_truncated(t)), {}, "truncated"),
         (lambda t: Route(lora_bytes(t, 6)[:100], length=5000), {}, "closed before the whole file"),
+        (
+            lambda t: Route(lora_bytes(t, 8), drip=0.05),
+            {"min_rate": 1000, "rate_window": 0.3},
+            "under the minimum",
+        ),
+        (lambda t: Route(lora_bytes(t, 9), drip=0.01), {"deadline": 0.5, "rate_window": 100}, "within 0.5 s"),
     ],
-    ids=["404", "500", "timeout", "oversize-header", "oversize-stream", "html", "truncated", "early-close"],
+    ids=[
+        "404",
+        "500",
+        "timeout",
+        "oversize-header",
+        "oversize-stream",
+        "html",
+        "truncated",
+        "early-close",
+        "slow-drip",
+        "deadline",
+    ],
 )
 def test_download_failures_name_the_entry_and_leave_nothing(
     server: LoraServer,
@@ -133,3 +150,23 @@ def test_request_total_is_capped_across_entries(server: LoraServer, tmp_path: Pa
     assert err.index in (0, 1) and "together exceed" in err.message
     # each alone fits
     assert len(fetch(LoraFetcher(policy(tmp_path, max_total_bytes=len(a) + 10)), urls[:1])) == 1
+
+
+def test_downloads_beyond_the_caps_wait_their_turn_rather_than_fail(
+    server: LoraServer, tmp_path: Path
+) -> None:
+    same_host = [
+        server.serve(f"/h{i}.safetensors", Route(lora_bytes(tmp_path, 50 + i), delay=0.3)) for i in range(3)
+    ]
+    other_host = server.serve("/o.safetensors", Route(lora_bytes(tmp_path, 60), delay=0.3)).replace(
+        "127.0.0.1", "localhost"
+    )
+    start = time.monotonic()
+    loras = fetch(LoraFetcher(policy(tmp_path, max_per_host=1)), [*same_host, other_host])
+    took = time.monotonic() - start
+    assert len({lora.sha256 for lora in loras}) == 4  # every one arrived
+    assert took >= 0.9  # one at a time from 127.0.0.1 (three 0.3 s downloads) ...
+    assert max(server.hits.values()) == 1
+    start = time.monotonic()
+    fetch(LoraFetcher(policy(tmp_path / "other", max_concurrent=1)), [other_host, same_host[0]])
+    assert time.monotonic() - start >= 0.6  # ... and one at a time in all

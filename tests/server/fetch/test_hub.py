@@ -64,3 +64,17 @@ def test_hub_repo_from_the_offline_cache(tmp_path: Path, offline_hub: Path) -> N
 def test_hub_file_must_be_safetensors(tmp_path: Path, offline_hub: Path) -> None:
     err = fetch_error(LoraFetcher(policy(tmp_path)), ["someone/repo/readme.md"])
     assert "must name a .safetensors file" in err.message
+
+
+def test_a_hub_download_past_the_deadline_fails_its_entry(
+    tmp_path: Path, offline_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.fetch import lora_fetcher
+
+    def stuck(*args: object) -> Path:  # huggingface_hub waiting on a server that never finishes
+        time.sleep(1.0)
+        raise AssertionError("the deadline should have ended the wait")
+
+    monkeypatch.setattr(lora_fetcher, "hub_file", stuck)
+    err = fetch_error(LoraFetcher(policy(tmp_path, deadline=0.2)), ["someone/slow-lora"])
+    assert err.index == 0 and "did not finish within 0.2 s" in err.message
