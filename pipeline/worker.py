@@ -12,6 +12,8 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import time
 import traceback
 from multiprocessing.queues import Queue
@@ -158,6 +160,25 @@ def _stats(generator: ImageGenerator) -> WorkerStats:
     )
 
 
+def _die_with_the_server() -> None:
+    """On Linux the kernel kills this process the moment the server's dies, `kill -9` included, so a
+    worker never holds the GPU for a server that is gone (elsewhere the idle loop's parent check does)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _no_process_shared_locks() -> None:
+    """tqdm (the pipeline's progress bars) would make a multiprocessing lock: a named semaphore that stays
+    registered, and is reported as leaked at the server's exit, whenever the worker is killed."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def run_worker(
     config: WorkerConfig,
     inbox: Queue[ToWorker],
@@ -172,6 +193,8 @@ def run_worker(
     # A process group of its own: the server can kill it with everything it starts (torch.compile's
     # workers) if it hangs, and a terminal's Ctrl-C reaches only the server, which stops it in order.
     os.setsid()
+    _die_with_the_server()
+    _no_process_shared_locks()
     configure_logging(config.log_level, config.log_json)
     try:
         generator, ready = load_generator(config)

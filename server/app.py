@@ -77,7 +77,7 @@ def create_app(
             yield
         finally:
             cleaner.cancel()
-            await scheduler.stop()
+            await scheduler.stop(settings.shutdown_grace_seconds)
             await fetcher.aclose()
             await webhooks.aclose()
             database.close()

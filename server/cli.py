@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import FrameType
 
 from pipeline.logs import configure_logging
 from pipeline.models import ConfigError, load_registry
@@ -100,6 +101,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.services import Services
     from server.tls import ensure_certificates
 
     registry = load_registry(settings.models_file)
@@ -107,17 +109,31 @@ def serve(settings: Settings) -> int:
         registry.get(settings.model)
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings, registry)
+    services: Services = app.state.services
     files = ensure_certificates(settings.data_dir, settings.tls_host_names) if settings.tls else None
-    # log_config=None: uvicorn's own loggers go through the handler configured above (JSON included).
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=None,
+        log_config=None,  # uvicorn's own loggers go through the handler configured above (JSON included)
         ssl_certfile=str(files.cert) if files else None,
         ssl_keyfile=str(files.key) if files else None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the scheduler about stop signals: the first (SIGTERM, or Ctrl-C)
+        drains: no new job starts, the running one may finish within the grace period, open requests
+        end; a second stops at once (the worker killed, no wait), still losing nothing accepted."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            again = self.should_exit
+            super().handle_exit(sig, frame)
+            self.force_exit = self.force_exit or again  # SIGTERM twice as well as Ctrl-C twice
+            services.scheduler.stop_signal(again)
+
+    Server(config).run()
     return 0
 
 

@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = 30.0  # then it has this long to stop before the worker is killed
     heartbeat_seconds: float = 120.0  # a running worker silent this long is hung: killed and replaced
     startup_timeout_seconds: float = 3600.0  # a model load longer than this is a failed start
+    shutdown_grace_seconds: float = 25.0  # on SIGTERM, how long the running generation may still finish
     max_body_bytes: int = 1024**2  # request bodies (413 above)
     max_header_bytes: int = 16 * 1024  # request target and headers (431 above)
     # Acceleration

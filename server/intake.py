@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from server.auth import request_owner
 from server.errors import FalHTTPError, invalid_body, not_json_body
 from server.jobs import JobRecord, Priority
+from server.outcome import Failure, failed
 from server.schemas import APPS
 from server.services import Services
 
@@ -22,9 +23,13 @@ def base_url(request: Request, public_url: str | None) -> str:
     return (public_url or str(request.base_url)).rstrip("/") + "/"
 
 
-def refuse_when_full(request: Request, services: Services) -> None:
-    """429 when the queue is longer than the server allows, or than the client's `fal_max_queue_length`."""
+def refuse_when_busy(request: Request, services: Services) -> None:
+    """503 while shutting down; 429 when the queue is longer than the server allows, or than the client's
+    `fal_max_queue_length`."""
     scheduler = services.scheduler
+    if scheduler.draining:
+        shutting_down = failed(Failure.UNAVAILABLE, "The server is shutting down; try again shortly")
+        raise FalHTTPError(shutting_down.status_code, shutting_down.body, shutting_down.headers)
     limit = services.settings.max_queue
     asked = request.query_params.get("fal_max_queue_length")
     if asked is not None:

@@ -54,16 +54,33 @@ class Scheduler:
         self.store = store
         self.metrics = metrics
         metrics.track_queue_depth(lambda: len(self.queue))
+        self.draining = False  # shutting down: no new job starts, new requests are refused
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.supervisor.start()
 
-    async def stop(self) -> None:
-        self.fetch.stop()
-        self.supervisor.stop()
+    def begin_shutdown(self) -> None:
+        """Start no more jobs: the running one may finish; what waits stays stored for the next start."""
+        if not self.draining:
+            self.draining = True
+            log.warning("shutting down: %d requests stay queued for the next start", self.waiting)
+
+    def stop_signal(self, again: bool) -> None:
+        """A stop signal arrived: the first begins the shutdown, a second abandons the running job. Called
+        from the signal handler (on the event loop's thread, between any two of its steps), so the work is
+        done at the loop's next turn."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.supervisor.abandon if again else self.begin_shutdown)
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Let the running generation finish within `grace` seconds and record it; stop the worker."""
+        self.begin_shutdown()
+        self.fetch.stop()  # those requests are fetched again after the next start
+        await self.supervisor.finish(grace)
         await self.completion.drain()
+        self.supervisor.stop()
 
     # --- requests ----------------------------------------------------------------------------------------
 
@@ -176,7 +193,7 @@ class Scheduler:
 
     def worker_idle(self) -> None:
         """Hand the worker the next waiting request, if it can take one."""
-        if not self.supervisor.idle:
+        if self.draining or not self.supervisor.idle:
             return
         record = self.queue.pop()
         if record is None:

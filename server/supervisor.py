@@ -9,6 +9,7 @@ workers later. Everything here runs on the event loop's thread, where the worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from enum import StrEnum
@@ -98,6 +99,7 @@ class WorkerSupervisor:
         self._worker: Worker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog = Watchdog(self.limits, self._overran, self._hung)
+        self._job_ended = asyncio.Event()
         self._killed: str | None = None  # why the watchdog killed the worker, until its exit is seen
         self._replacing = False  # killed while serving: start a new one once the old one is gone
 
@@ -122,8 +124,33 @@ class WorkerSupervisor:
         """Hand the worker its next job; only when idle."""
         assert self.idle and self._worker is not None
         self.running = record
+        self._job_ended.clear()
         self._watchdog.running()
         self._worker.submit(record.job())
+
+    async def finish(self, timeout: float) -> None:
+        """At shutdown: let the job in hand end, for at most `timeout` seconds, then kill the worker. A
+        request stopped that way stays IN_PROGRESS in the store and runs again after the next start."""
+        if self.running is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._job_ended.wait(), timeout)
+        if self.running is not None and self.state is not WorkerState.STOPPED:  # not abandoned already
+            log.warning("the running request did not finish within %g s", timeout)
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Stop now, without waiting for the job in hand (a forced shutdown): the worker is killed and
+        nothing more is recorded, so that request stays IN_PROGRESS in the store and runs again after the
+        next start."""
+        self._watchdog.stop()
+        if self.running is not None:
+            log.warning("stopping now: the running request runs again after the next start")
+        if self.state is not WorkerState.STOPPED:
+            self._move_to(WorkerState.STOPPED)
+        self._job_ended.set()
+        if self._worker is not None:
+            self._worker.kill()
+            self._worker.stop(timeout=2.0)
 
     def cancel(self, record: JobRecord) -> None:
         """Ask the worker to stop the job in hand at its next step (it answers with JobFailed)."""
@@ -230,6 +257,7 @@ class WorkerSupervisor:
         self, record: JobRecord, result: JobSucceeded | Outcome, inference_seconds: float | None
     ) -> None:
         self.running = None
+        self._job_ended.set()
         self._watchdog.idle()
         self._events.job_ended(record, result, inference_seconds)
 

@@ -61,7 +61,7 @@ class LiveServer:
         self.log_path = data_dir / "server.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         command = [installed_command(), "serve", "--port", str(self.port), "--data-dir", str(data_dir)]
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")  # a restart on the same folder adds to the log
         self.process = subprocess.Popen(
             [*command, *args],
             cwd=data_dir,

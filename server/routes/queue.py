@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import request_owner, require_key
 from server.errors import FalHTTPError, outcome_response
-from server.intake import new_record, refuse_when_full
+from server.intake import new_record, refuse_when_busy
 from server.jobs import JobRecord, JobStatus
 from server.middleware import answer_as
 from server.openapi import body_schema, errors
@@ -96,7 +96,7 @@ async def _webhook(request: Request, services: Services) -> str | None:
 def _add_submit_route(app_id: str) -> None:
     async def submit(request: Request, services: ServicesDep) -> JSONResponse:
         scheduler = services.scheduler
-        refuse_when_full(request, services)
+        refuse_when_busy(request, services)
         record = await new_record(app_id, request, services)
         record.durable = True  # kept in the job store: it must survive a restart
         record.webhook_url = await _webhook(request, services)
@@ -167,6 +167,8 @@ async def status_stream(
             elif time.monotonic() - last_write >= ping_seconds:
                 yield ": ping\n\n"
                 last_write = time.monotonic()
+            if scheduler.draining and record.status is JobStatus.IN_QUEUE:
+                return  # it will not start before the server's next start: do not hold the shutdown
             # Wake on any change to the record, and at least every tick for queue position and pings.
             await record.wait_for_change(seen, min(_STREAM_TICK_SECONDS, ping_seconds))
 

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from server.auth import require_key
 from server.errors import outcome_response
-from server.intake import new_record, refuse_when_full
+from server.intake import new_record, refuse_when_busy
 from server.jobs import JobRecord
 from server.middleware import answer_as
 from server.openapi import body_schema, errors
@@ -33,7 +33,7 @@ async def _wait_or_cancel(scheduler: Scheduler, record: JobRecord, request: Requ
 def _add_route(app_id: str) -> None:
     async def run(request: Request, services: ServicesDep) -> JSONResponse:
         scheduler = services.scheduler
-        refuse_when_full(request, services)
+        refuse_when_busy(request, services)
         record = await new_record(app_id, request, services)
         answer_as(request, record.request_id)
         scheduler.accept(record)
