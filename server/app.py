@@ -25,7 +25,7 @@ from server.routes import ops, playground, queue, run
 from server.scheduler import Scheduler
 from server.services import Services
 from server.store.database import Database, sqlite_url
-from server.store.job_store import SqlJobStore
+from server.store.job_store import WRITE_ERRORS, SqlJobStore
 from server.supervisor import Worker, WorkerFactory
 from server.webhooks import WebhookSender, WebhookSigner
 from server.worker_process import Listener, WorkerProcess
@@ -34,10 +34,14 @@ log = logging.getLogger(__name__)
 
 
 async def _clean_up(scheduler: Scheduler, files: FileStore, ttl: float) -> None:
-    """Forget completed requests older than `ttl`, and delete files as old, every so often."""
+    """Forget completed requests older than `ttl`, and delete files as old, every so often. A failed
+    round (a store that cannot be written right now) is tried again at the next."""
     while True:
-        scheduler.prune(ttl)
-        files.expire(time.time() - ttl)
+        try:
+            scheduler.prune(ttl)
+            files.expire(time.time() - ttl)
+        except WRITE_ERRORS as exc:
+            log.error("cleaning up old requests and files failed; trying again later: %s", exc)
         await asyncio.sleep(min(60.0, max(ttl / 10, 0.05)))
 
 
@@ -46,6 +50,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
     database = Database(sqlite_url(settings.job_store_path))
+    database.migrate()  # before anything is served: a store that cannot be opened stops the start
     files = FileStore(settings.files_dir, database)
     fetcher = LoraFetcher(settings.lora_policy())
     metrics = Metrics(fetcher.cache)
@@ -69,7 +74,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        database.migrate()
         scheduler.start()
         scheduler.recover()
         cleaner = asyncio.create_task(_clean_up(scheduler, files, settings.result_ttl_seconds))

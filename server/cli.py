@@ -10,6 +10,7 @@ from types import FrameType
 from pipeline.logs import configure_logging
 from pipeline.models import ConfigError, load_registry
 from server.config import Settings, SettingsError
+from server.store.database import StoreError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return download(settings, load_registry(settings.models_file), args.model)
         return env(settings)
-    except (ConfigError, SettingsError) as exc:
+    except (ConfigError, SettingsError, StoreError) as exc:
         print(f"flux2-server: {exc}", file=sys.stderr)
         return 2
 

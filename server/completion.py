@@ -14,9 +14,9 @@ from pipeline.messages import JobSucceeded
 from server.fetch.stage import FetchStage
 from server.jobs import JobRecord
 from server.metrics import Metrics
-from server.outcome import Failure, Outcome, failed
+from server.outcome import Outcome, storage_failed
 from server.outputs import OutputBuilder
-from server.store.job_store import JobStore
+from server.store.job_store import WRITE_ERRORS, JobStore
 from server.webhooks import WebhookSender, webhook_payload
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,16 @@ class Completion:
         self._storing: set[asyncio.Task[None]] = set()
 
     def persist(self, record: JobRecord) -> None:
+        """Write a request's new state to the store. A failed write (a full disk) is logged and the request
+        goes on in memory: the next write that succeeds brings its row up to date, and a restart before
+        then runs it again rather than lose it."""
         if record.durable and self.store is not None:
-            self.store.save(record)
+            try:
+                self.store.save(record)
+            except WRITE_ERRORS as exc:
+                log.error(
+                    "the job store could not be written: %s", exc, extra={"request_id": record.request_id}
+                )
 
     def close(self, record: JobRecord, outcome: Outcome, inference_seconds: float | None = None) -> None:
         """The request is over: record its outcome everywhere it goes."""
@@ -61,9 +69,9 @@ class Completion:
     async def _store_images(self, record: JobRecord, result: JobSucceeded) -> None:
         try:
             outcome = await self.outputs.build(record, result)
-        except Exception as exc:  # a full disk, a store that went away: the request still completes
-            log.exception("storing the images failed", extra={"request_id": record.request_id})
-            outcome = failed(Failure.INTERNAL, f"the images could not be stored: {exc}")
+        except WRITE_ERRORS as exc:  # a full disk, a store that went away: the request still completes
+            log.error("storing the images failed: %s", exc, extra={"request_id": record.request_id})
+            outcome = storage_failed(exc, "the images could not be stored")
             record.log(outcome.error or "", level="ERROR")
         self.close(record, outcome, result.inference_seconds)
 
@@ -87,6 +95,9 @@ class Completion:
                 return
             record.webhook_pending = False
             if self.store is not None:
-                self.store.settle_webhook(rid)
+                try:
+                    self.store.settle_webhook(rid)
+                except WRITE_ERRORS as exc:  # sent again after a restart: at least once, as promised
+                    log.error("the job store could not be written: %s", exc, extra={"request_id": rid})
 
         self.webhooks.deliver(record.webhook_url, rid, body).add_done_callback(settled)

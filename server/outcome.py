@@ -8,6 +8,7 @@ module is plain data: the jobs, the store and the scheduler use it without the w
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -40,6 +41,8 @@ class Failure(StrEnum):
     UNAVAILABLE = "unavailable"  # the model could not be loaded: nothing will run
     START_TIMEOUT = "start_timeout"  # the client's X-Fal-Request-Timeout passed before it started
     RUN_TIMEOUT = "run_timeout"  # it ran longer than the server allows
+    NO_SPACE = "no_space"  # the disk (or the job store's) is full: it works again once space returns
+    STORAGE = "storage"  # the files or the job store cannot be written for another reason
 
 
 # status code, fal's error_type, extra headers
@@ -51,7 +54,12 @@ _ANSWERS: dict[Failure, tuple[int, str, dict[str, str]]] = {
     Failure.UNAVAILABLE: (503, "runner_scheduling_failure", {}),
     Failure.START_TIMEOUT: (504, "request_timeout", {"X-Fal-Request-Timeout-Type": "user"}),
     Failure.RUN_TIMEOUT: (504, "generation_timeout", {}),
+    Failure.NO_SPACE: (507, "insufficient_storage", {}),
+    Failure.STORAGE: (503, "storage_unavailable", {}),
 }
+
+_SQLITE_FULL = 13  # sqlite3's result code for "database or disk is full"
+_POSTGRES_DISK_FULL = "53100"
 
 _FROM_WORKER = {
     FailureKind.CANCELLED: Failure.CANCELLED,
@@ -95,3 +103,20 @@ def worker_failed(failure: JobFailed, request_input: dict[str, Any]) -> Outcome:
     if failure.kind is FailureKind.INVALID_INPUT:
         return input_error(failure.loc, failure.message, "value_error", request_input)
     return failed(_FROM_WORKER[failure.kind], failure.message)
+
+
+def storage_failed(exc: BaseException, what: str) -> Outcome:
+    """A write to the disk or to the job store failed: 507 when it is full, 503 otherwise."""
+    if _disk_full(exc):
+        return failed(Failure.NO_SPACE, f"{what}: the server's disk is full")
+    return failed(Failure.STORAGE, f"{what}: {exc}")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    cause = getattr(exc, "orig", None)  # the database driver's own error, under SQLAlchemy's
+    return (
+        getattr(cause, "sqlite_errorcode", None) == _SQLITE_FULL
+        or getattr(cause, "sqlstate", None) == _POSTGRES_DISK_FULL
+    )

@@ -17,10 +17,10 @@ from server.completion import Completion
 from server.fetch.stage import FetchStage
 from server.jobs import JobRecord, JobStatus
 from server.metrics import Metrics
-from server.outcome import Failure, Outcome, failed
+from server.outcome import Failure, Outcome, failed, storage_failed
 from server.outputs import OutputBuilder
 from server.request_queue import RequestQueue
-from server.store.job_store import JobStore
+from server.store.job_store import WRITE_ERRORS, JobStore
 from server.supervisor import WorkerFactory, WorkerState, WorkerSupervisor
 from server.watchdog import WatchdogLimits
 from server.webhooks import WebhookSender
@@ -32,6 +32,14 @@ class CancelResult(StrEnum):
     REQUESTED = "CANCELLATION_REQUESTED"
     ALREADY_COMPLETED = "ALREADY_COMPLETED"
     NOT_FOUND = "NOT_FOUND"
+
+
+class NotAccepted(Exception):
+    """The request could not be stored, so it is not taken on (the submit answers with `outcome`)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.error)
+        self.outcome = outcome
 
 
 class Scheduler:
@@ -85,13 +93,19 @@ class Scheduler:
     # --- requests ----------------------------------------------------------------------------------------
 
     def accept(self, record: JobRecord) -> None:
-        """Take ownership of a request; it will end COMPLETED whatever happens."""
+        """Take ownership of a request; it will end COMPLETED whatever happens. A queue request is stored
+        first: one that cannot be (a full disk) is refused with `NotAccepted`, never lost later."""
+        if record.durable and self.store is not None:
+            try:
+                self.store.save(record)
+            except WRITE_ERRORS as exc:
+                log.error("refused: the job store could not be written: %s", exc)
+                raise NotAccepted(storage_failed(exc, "the request could not be stored")) from exc
         self.jobs[record.request_id] = record
         log.info("accepted for %s", record.app_id, extra={"request_id": record.request_id})
         if record.outcome is not None:  # refused at validation: completed on arrival, as fal does
             self.completion.close(record, record.outcome)
             return
-        self.completion.persist(record)
         self._admit(record)
 
     def recover(self) -> int:

@@ -19,7 +19,7 @@ from server.intake import new_record, refuse_when_busy
 from server.jobs import JobRecord, JobStatus
 from server.middleware import answer_as
 from server.openapi import body_schema, errors
-from server.scheduler import CancelResult, Scheduler
+from server.scheduler import CancelResult, NotAccepted, Scheduler
 from server.schemas import APPS, CancelBody, Flux2Output, QueueStatusBody
 from server.services import Services, ServicesDep
 
@@ -100,8 +100,11 @@ def _add_submit_route(app_id: str) -> None:
         record = await new_record(app_id, request, services)
         record.durable = True  # kept in the job store: it must survive a restart
         record.webhook_url = await _webhook(request, services)
+        try:
+            scheduler.accept(record)
+        except NotAccepted as refused:
+            return outcome_response(refused.outcome)
         answer_as(request, record.request_id)
-        scheduler.accept(record)
         body = {**status_body(scheduler, record, with_logs=False), "status": JobStatus.IN_QUEUE.value}
         body["queue_position"] = body["queue_position"] or 0
         return JSONResponse(body)

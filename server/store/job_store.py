@@ -11,10 +11,13 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 
 from server.jobs import JobRecord
 from server.store.database import Database
 from server.store.tables import jobs
+
+WRITE_ERRORS = (SQLAlchemyError, OSError)  # what a write can raise: a full disk, a store gone read-only
 
 
 class JobStore(Protocol):

@@ -95,3 +95,28 @@ def test_ready_describes_the_loaded_worker(live_server: LiveServer) -> None:
     assert body["ready"] and (body["model"], body["device"], body["dtype"]) == ("tiny", "cpu", "float32")
     # A CPU server runs eager unless FLUX2_COMPILE=true: CPU compiles cost more than they save
     assert (body["compiled"], body["attention_backend"], body["memory_profile"]) == (False, "native", "full")
+
+
+def test_a_damaged_job_store_stops_the_start_naming_the_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jobs.sqlite").write_bytes(b"this was never a database" * 100)
+    run = serve("--model", "tiny", "--data-dir", str(data), cwd=tmp_path)
+    assert run.returncode == 2
+    assert f"the job store {data / 'jobs.sqlite'} cannot be opened" in run.stderr
+    assert "move the file aside" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_locked_job_store_stops_the_start_saying_so(tmp_path: Path) -> None:
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    holder = sqlite3.connect(data / "jobs.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process, mid-write, never letting go
+    try:
+        run = serve("--model", "tiny", "--data-dir", str(data), cwd=tmp_path)
+    finally:
+        holder.close()
+    assert run.returncode == 2
+    assert "database is locked" in run.stderr and "another server running" in run.stderr

@@ -37,11 +37,11 @@ def test_images_that_cannot_be_written_fail_their_request_and_the_queue_goes_on(
         first = h.client.post("/queue/fal-ai/flux-2/lora", json=BODY).json()
         second = h.client.post("/queue/fal-ai/flux-2/lora", json=BODY).json()
         shutil.rmtree(files)
-        files.write_text("not a folder any more")  # every write into it fails, as on a full disk
+        files.write_text("not a folder any more")  # every write into it fails
         h.worker.release()
         result = h.client.get(first["response_url"])
-        assert result.status_code == 500
-        assert result.json()["error_type"] == "internal_server_error"
+        assert result.status_code == 503
+        assert result.json()["error_type"] == "storage_unavailable"
         assert "could not be stored" in result.json()["detail"]
         files.unlink()
         files.mkdir()
