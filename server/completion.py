@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from pipeline.messages import JobSucceeded
 from server.fetch.stage import FetchStage
@@ -28,37 +29,41 @@ class Completion:
         outputs: OutputBuilder,
         fetch: FetchStage,
         metrics: Metrics,
+        closed: Callable[[JobRecord, bool], None],
         store: JobStore | None = None,
         webhooks: WebhookSender | None = None,
     ) -> None:
         self.outputs = outputs
         self.fetch = fetch
+        self._closed = closed  # told of every request that completed, and whether the store has it
         self.metrics = metrics
         self.store = store
         self.webhooks = webhooks
         self._storing: set[asyncio.Task[None]] = set()
 
-    def persist(self, record: JobRecord) -> None:
-        """Write a request's new state to the store. A failed write (a full disk) is logged and the request
-        goes on in memory: the next write that succeeds brings its row up to date, and a restart before
-        then runs it again rather than lose it."""
-        if record.durable and self.store is not None:
-            try:
-                self.store.save(record)
-            except WRITE_ERRORS as exc:
-                log.error(
-                    "the job store could not be written: %s", exc, extra={"request_id": record.request_id}
-                )
+    def persist(self, record: JobRecord) -> bool:
+        """Write a request's new state to the store; False when that failed. A failed write (a full disk)
+        is logged and the request goes on in memory: the next write that succeeds brings its row up to
+        date, and a restart before then runs it again rather than lose it."""
+        if not record.durable or self.store is None:
+            return True
+        try:
+            self.store.save(record)
+        except WRITE_ERRORS as exc:
+            log.error("the job store could not be written: %s", exc, extra={"request_id": record.request_id})
+            return False
+        return True
 
     def close(self, record: JobRecord, outcome: Outcome, inference_seconds: float | None = None) -> None:
         """The request is over: record its outcome everywhere it goes."""
         self.fetch.release(record)
         record.complete(outcome, inference_seconds)
-        self.persist(record)
+        saved = self.persist(record)
         self.metrics.completed(record, outcome)
         self.send_webhook(record)
         result = "ok" if outcome.ok else f"{outcome.status_code} {outcome.error_type}: {outcome.error}"
         log.info("completed: %s", result, extra={"request_id": record.request_id})
+        self._closed(record, saved)
 
     def succeed(self, record: JobRecord, result: JobSucceeded) -> None:
         """Store the images off the event loop, then close the request with its output."""

@@ -43,6 +43,9 @@ class NotAccepted(Exception):
 
 
 class Scheduler:
+    """`jobs` holds the requests in memory: the unfinished ones, and finished ones the store could not take
+    yet (a full disk); every other finished request is read from the store when asked for (`find`)."""
+
     def __init__(
         self,
         spawn_worker: WorkerFactory,
@@ -58,7 +61,7 @@ class Scheduler:
         self.fetch = fetch
         self.queue = RequestQueue()
         self.supervisor = WorkerSupervisor(spawn_worker, self, metrics, limits, max_restarts)
-        self.completion = Completion(outputs, fetch, metrics, store, webhooks)
+        self.completion = Completion(outputs, fetch, metrics, self._closed, store, webhooks)
         self.store = store
         self.metrics = metrics
         metrics.track_queue_depth(lambda: len(self.queue))
@@ -113,36 +116,38 @@ class Scheduler:
         (again, from the start: an interrupted generation cannot be resumed). Returns how many will run."""
         if self.store is None:
             return 0
-        pending = 0
-        for record in self.store.load_all():
+        for record in self.store.load_unsent_webhooks():  # pending when the server stopped
+            self.completion.send_webhook(record)
+        unfinished = self.store.load_unfinished()
+        for record in unfinished:
             self.jobs[record.request_id] = record
-            if record.done:
-                self.completion.send_webhook(record)  # only if it was still pending when the server stopped
-                continue
-            pending += 1
             record.status, record.started_at = JobStatus.IN_QUEUE, None
             record.log("requeued after a server restart", level="WARN")
             if record.start_timeout is not None:  # its start deadline keeps counting from acceptance
                 record.start_timeout = max(0.0, record.created_at + record.start_timeout - time.time())
             self._admit(record)
-        if pending:
-            log.warning("recovered %d unfinished requests from the job store", pending)
-        return pending
+        if unfinished:
+            log.warning("recovered %d unfinished requests from the job store", len(unfinished))
+        return len(unfinished)
 
-    def prune(self, max_age_seconds: float) -> list[JobRecord]:
-        """Forget requests completed more than `max_age_seconds` ago; returns them."""
-        cutoff = time.time() - max_age_seconds
-        gone = [
-            r for r in self.jobs.values() if r.done and r.finished_at is not None and r.finished_at < cutoff
-        ]
-        for record in gone:
-            del self.jobs[record.request_id]
-        if self.store is not None:
-            self.store.delete_finished_before(cutoff)
-        return gone
+    def find(self, request_id: str) -> JobRecord | None:
+        """A request by id: from memory while it runs, from the store once it has finished."""
+        record = self.jobs.get(request_id)
+        if record is None and self.store is not None:
+            record = self.store.load(request_id)
+        return record
+
+    def prune(self, max_age_seconds: float) -> int:
+        """Forget requests completed more than `max_age_seconds` ago (in the store, by its index); returns
+        how many. Also stores finished requests whose earlier write failed, now that it may succeed."""
+        for record in [r for r in self.jobs.values() if r.done]:
+            self._closed(record, self.completion.persist(record))
+        if self.store is None:
+            return 0
+        return self.store.delete_finished_before(time.time() - max_age_seconds)
 
     def cancel(self, request_id: str) -> CancelResult:
-        record = self.jobs.get(request_id)
+        record = self.find(request_id)
         if record is None:
             return CancelResult.NOT_FOUND
         if record.done:
@@ -226,6 +231,11 @@ class Scheduler:
             return
         record.log(result.error or "failed", level="ERROR")
         self.completion.close(record, result, inference_seconds)
+
+    def _closed(self, record: JobRecord, saved: bool) -> None:
+        """A request completed: memory lets go of it once the store has it (or it was never to be stored)."""
+        if saved:
+            self.jobs.pop(record.request_id, None)
 
     def worker_unavailable(self) -> None:
         for record in self.queue.drain():

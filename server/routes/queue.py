@@ -50,7 +50,7 @@ def _visible(
 ) -> JobRecord | None:
     """The record if it exists for this app and belongs to the caller's key (404 otherwise: never 403,
     which would confirm that someone else's request id exists)."""
-    record = scheduler.jobs.get(request_id)
+    record = scheduler.find(request_id)
     if (
         record is None
         or record.app_id.split("/")[:2] != [owner, alias]

@@ -1,7 +1,9 @@
-"""Accepted queue requests, kept from acceptance to retention's end.
+"""Accepted queue requests, kept from acceptance to retention's end: the truth about finished ones.
 
 Records are written when they are accepted, start and complete; step logs between those points live in
-memory only. The scheduler sees the store through `JobStore`.
+memory only. Memory holds the unfinished requests; a finished one is read back by its id when asked for,
+so retained history costs no memory, and a restart reads only what has still to run (and the webhooks
+still to send). The scheduler sees the store through `JobStore`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from server.jobs import JobRecord
+from server.jobs import JobRecord, JobStatus
 from server.store.database import Database
 from server.store.tables import jobs
 
@@ -22,8 +24,10 @@ WRITE_ERRORS = (SQLAlchemyError, OSError)  # what a write can raise: a full disk
 
 class JobStore(Protocol):
     def save(self, record: JobRecord) -> None: ...
-    def load_all(self) -> list[JobRecord]: ...
-    def delete_finished_before(self, cutoff: float) -> list[str]: ...
+    def load(self, request_id: str) -> JobRecord | None: ...
+    def load_unfinished(self) -> list[JobRecord]: ...
+    def load_unsent_webhooks(self) -> list[JobRecord]: ...
+    def delete_finished_before(self, cutoff: float) -> int: ...
     def settle_webhook(self, request_id: str) -> None: ...
 
 
@@ -46,9 +50,21 @@ class SqlJobStore:
         with self._engine.begin() as connection:
             connection.execute(self._upsert, row)
 
-    def load_all(self) -> list[JobRecord]:
+    def load(self, request_id: str) -> JobRecord | None:
+        rows = self._select(jobs.c.request_id == request_id)
+        return rows[0] if rows else None
+
+    def load_unfinished(self) -> list[JobRecord]:
+        """Queued and running requests, oldest first: what a restart has to run."""
+        return self._select(jobs.c.status != JobStatus.COMPLETED)
+
+    def load_unsent_webhooks(self) -> list[JobRecord]:
+        """Completed requests whose webhook was neither delivered nor given up on."""
+        return self._select(jobs.c.webhook_pending.is_(True))
+
+    def _select(self, where: sa.ColumnElement[bool]) -> list[JobRecord]:
         with self._engine.connect() as connection:
-            rows = connection.execute(sa.select(jobs).order_by(jobs.c.created_at)).all()
+            rows = connection.execute(sa.select(jobs).where(where).order_by(jobs.c.created_at)).all()
         return [_record(row._mapping) for row in rows]
 
     def settle_webhook(self, request_id: str) -> None:
@@ -59,13 +75,10 @@ class SqlJobStore:
                 sa.update(jobs).where(jobs.c.request_id == request_id).values(webhook_pending=False)
             )
 
-    def delete_finished_before(self, cutoff: float) -> list[str]:
-        """Forget requests that completed before `cutoff`; returns their ids."""
-        finished_before = jobs.c.finished_at < cutoff
+    def delete_finished_before(self, cutoff: float) -> int:
+        """Forget requests that completed before `cutoff` (by the finish-time index); returns how many."""
         with self._engine.begin() as connection:
-            ids = connection.execute(sa.select(jobs.c.request_id).where(finished_before)).scalars().all()
-            connection.execute(sa.delete(jobs).where(finished_before))
-        return list(ids)
+            return connection.execute(sa.delete(jobs).where(jobs.c.finished_at < cutoff)).rowcount
 
 
 def _record(row: Any) -> JobRecord:

@@ -115,6 +115,8 @@ jobs = sa.Table(
     sa.Column("webhook_url", sa.Text),
     sa.Column("webhook_pending", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("jobs_by_finish", "finished_at"),
+    sa.Index("jobs_by_status", "status"),  # the unfinished ones, read at every start
+    sa.Index("jobs_by_webhook_pending", "webhook_pending"),  # the webhooks still to send, likewise
 )
 
 # Every stored file (generated images; uploads next) and who may read it.

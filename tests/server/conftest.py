@@ -45,9 +45,8 @@ def _harness(
         workers.append(StandInWorker(listener, hold=hold, **(worker or {})))
         return workers[-1]
 
-    settings = Settings.load(
-        env={}, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", sse_ping_seconds=0.2, **overrides
-    )
+    overrides = {"sse_ping_seconds": 0.2, "shutdown_grace_seconds": 0.2, **overrides}  # held jobs never end
+    settings = Settings.load(env={}, data_dir=tmp_path / "data", cache_dir=tmp_path / "cache", **overrides)
     app = create_app(settings, load_registry(ROOT / "models.yaml"), worker_factory=factory)
     with SettledClient(app, base_url="http://testserver") as client:
         stand_in = workers[0]

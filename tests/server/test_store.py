@@ -64,7 +64,8 @@ def test_round_trip(url: str) -> None:
     store.save(record)
     database.close()
 
-    (loaded,) = SqlJobStore(migrated(url)).load_all()
+    loaded = SqlJobStore(migrated(url)).load("r1")
+    assert loaded is not None
     assert loaded.params == params and loaded.loras == loras and loaded.priority is Priority.LOW
     assert loaded.status is JobStatus.COMPLETED and loaded.inference_seconds == 1.5
     assert loaded.outcome == record.outcome
@@ -104,7 +105,10 @@ def test_retention_forgets_old_results_and_their_files(tmp_path: Path) -> None:
         time.sleep(1.0)
         assert h.client.get(accepted["status_url"]).status_code == 404
         assert h.client.get(image["url"]).status_code == 404
-        assert SqlJobStore(migrated(sqlite_url(tmp_path / "data" / "jobs.sqlite"))).load_all() == []
+        assert (
+            SqlJobStore(migrated(sqlite_url(tmp_path / "data" / "jobs.sqlite"))).load(accepted["request_id"])
+            is None
+        )
     finally:
         gen.close()
 
@@ -146,8 +150,8 @@ def test_a_store_from_before_webhook_pending_is_upgraded(tmp_path: Path) -> None
     old.commit()
     assert "webhook_pending" not in {row[1] for row in old.execute("PRAGMA table_info(jobs)")}
     old.close()
-    (loaded,) = SqlJobStore(migrated(sqlite_url(path))).load_all()
-    assert loaded.request_id == "r1" and loaded.webhook_pending is False
+    loaded = SqlJobStore(migrated(sqlite_url(path))).load("r1")
+    assert loaded is not None and loaded.webhook_pending is False
 
 
 def test_a_store_from_before_migrations_keeps_its_requests_and_their_loras(tmp_path: Path) -> None:
@@ -167,7 +171,7 @@ def test_a_store_from_before_migrations_keeps_its_requests_and_their_loras(tmp_p
     old.commit()
     old.close()
     database = migrated(sqlite_url(path))
-    (loaded,) = SqlJobStore(database).load_all()
+    (loaded,) = SqlJobStore(database).load_unfinished()
     assert loaded.loras == (LoraRequest("a/b", 0.5),) and loaded.priority is Priority.LOW
     assert loaded.params == GenerationParams("p", 512, 512, 4, 2.5, 7)
     with database.engine.connect() as connection:
@@ -199,3 +203,25 @@ def test_files_of_requests_completed_before_the_files_table_stay_served_to_their
     assert files.path_for("0123456789abcdef0123456789abcdef.png", "alpha") is not None
     assert files.path_for("0123456789abcdef0123456789abcdef.png", "beta") is None
     assert files.expire(cutoff=2.5) == 1 and not any((tmp_path / "files").iterdir())
+
+
+def test_memory_holds_only_unfinished_requests_and_a_restart_reads_only_those(tmp_path: Path) -> None:
+    first = _harness(tmp_path, hold=True)
+    h = next(first)
+    finished = h.client.post(SUBMIT, json=BODY).json()
+    h.worker.release()
+    running = h.client.post(SUBMIT, json=BODY).json()
+    scheduler = h.client.app.state.services.scheduler  # type: ignore[attr-defined]
+    assert set(scheduler.jobs) == {running["request_id"]}  # the finished one lives in the store only
+    assert h.client.get(finished["response_url"]).status_code == 200  # read back from it by id
+    first.close()
+
+    second = _harness(tmp_path, hold=True)
+    h = next(second)
+    try:
+        scheduler = h.client.app.state.services.scheduler  # type: ignore[attr-defined]
+        assert set(scheduler.jobs) == {running["request_id"]}
+        assert h.client.get(finished["status_url"]).json()["status"] == "COMPLETED"
+        assert h.client.put(finished["cancel_url"]).status_code == 400  # already completed
+    finally:
+        second.close()
