@@ -35,9 +35,7 @@ import httpx
 
 from server.config import Settings
 from server.jobs import JobStatus
-from server.store.database import Database, sqlite_url
-from server.store.job_store import SqlJobStore
-from server.testing import LiveServer, lost_and_duplicated
+from server.testing import LiveServer, lost_and_duplicated, stored_statuses
 
 LONG = {"prompt": "a lighthouse", "image_size": "square_hd", "num_inference_steps": 50}  # ~5 s on tiny
 SHORT = {"prompt": "a harbour", "image_size": "square", "num_inference_steps": 4}
@@ -250,15 +248,6 @@ def slow_drips(root: Path, limits: Limits) -> FaultResult:
     return FaultResult(f"slow-drip downloads x{len(drips)}", 0.0, len(scenario.ids), lost, duplicated, notes)
 
 
-def stored_status(data: Path, request_id: str) -> JobStatus | None:
-    database = Database(sqlite_url(data / "jobs.sqlite"))
-    try:
-        record = SqlJobStore(database).load(request_id)
-    finally:
-        database.close()
-    return record.status if record else None
-
-
 def sigterm_mid_generation(root: Path, limits: Limits) -> FaultResult:
     scenario = Scenario(root, "sigterm", {"FLUX2_SHUTDOWN_GRACE_SECONDS": "60"})
     server = scenario.server()
@@ -271,7 +260,7 @@ def sigterm_mid_generation(root: Path, limits: Limits) -> FaultResult:
     code = server.process.wait(120)
     stopped_after = time.monotonic() - signalled
     server.stop()
-    finished_first = stored_status(scenario.data, running) == JobStatus.COMPLETED
+    finished_first = stored_statuses(scenario.data, [running]) == [JobStatus.COMPLETED]
     with scenario.server() as again:
         served_again = time.monotonic() - signalled
         answers = [scenario.result(again, rid).status_code for rid in scenario.ids]

@@ -16,11 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import sqlalchemy as sa
+
+from server.jobs import JobStatus
+from server.store.database import Database, sqlite_url
+from server.store.job_store import SqlJobStore
 
 READY_TIMEOUT_SECONDS = 300
 
@@ -124,18 +128,27 @@ class LiveServer:
         self._log.close()
 
 
+@contextmanager
+def job_store(data_dir: Path) -> Iterator[SqlJobStore]:
+    """The job store of a server's data folder (the server stopped, or not), closed after use."""
+    database = Database(sqlite_url(data_dir / "jobs.sqlite"))
+    try:
+        yield SqlJobStore(database)
+    finally:
+        database.close()
+
+
+def stored_statuses(data_dir: Path, request_ids: Iterable[str]) -> list[JobStatus | None]:
+    """The status the job store holds for each request (None: it holds no such request)."""
+    with job_store(data_dir) as store:
+        return [record.status if (record := store.load(rid)) else None for rid in request_ids]
+
+
 def lost_and_duplicated(data_dir: Path, submitted: int, ids: list[str]) -> tuple[int, int]:
     """What a server's job store says about `submitted` requests whose submits answered `ids`: how many are
     missing from it, and how many ids appear more than once or were never handed out."""
-    from server.store.database import Database, sqlite_url
-    from server.store.tables import jobs
-
-    database = Database(sqlite_url(data_dir / "jobs.sqlite"))
-    try:
-        with database.engine.connect() as connection:
-            rows = list(connection.execute(sa.select(jobs.c.request_id)).scalars())
-    finally:
-        database.close()
+    with job_store(data_dir) as store:
+        rows = store.request_ids()
     lost = submitted - len(set(ids) & set(rows))
     duplicated = (len(ids) - len(set(ids))) + (len(rows) - len(set(rows))) + len(set(rows) - set(ids))
     return lost, duplicated

@@ -62,6 +62,11 @@ class SqlJobStore:
         """Completed requests whose webhook was neither delivered nor given up on."""
         return self._select(jobs.c.webhook_pending.is_(True))
 
+    def request_ids(self) -> list[str]:
+        """Every request id the store holds, repeats included (for fault checks: there must be none)."""
+        with self._engine.connect() as connection:
+            return list(connection.execute(sa.select(jobs.c.request_id)).scalars())
+
     def _select(self, where: sa.ColumnElement[bool]) -> list[JobRecord]:
         with self._engine.connect() as connection:
             rows = connection.execute(sa.select(jobs).where(where).order_by(jobs.c.created_at)).all()

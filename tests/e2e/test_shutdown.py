@@ -12,22 +12,10 @@ from pathlib import Path
 import httpx
 
 from server.jobs import JobStatus
-from server.store.database import Database, sqlite_url
-from server.store.job_store import SqlJobStore
-from server.testing import LiveServer
+from server.testing import LiveServer, stored_statuses
 
 LONG = {"prompt": "a lighthouse", "image_size": "square_hd", "num_inference_steps": 50}  # ~5 s on tiny
 SHORT = {"prompt": "a harbour", "image_size": "square", "num_inference_steps": 4}
-
-
-def stored(data_dir: Path, *accepted: dict[str, str]) -> list[JobStatus | None]:
-    """The status the store holds for each accepted request."""
-    database = Database(sqlite_url(data_dir / "jobs.sqlite"))
-    try:
-        store = SqlJobStore(database)
-        return [record.status if (record := store.load(a["request_id"])) else None for a in accepted]
-    finally:
-        database.close()
 
 
 def start_work(server: LiveServer) -> tuple[dict[str, str], list[dict[str, str]]]:
@@ -63,7 +51,7 @@ def test_a_second_signal_stops_at_once_and_loses_nothing(tmp_path: Path, cache_d
             time.sleep(0.05)
         assert not os.path.exists(f"/proc/{worker}")  # the GPU is free for the next start
     assert "Traceback" not in server.log() and "leaked" not in server.log()
-    assert stored(data, running, *waiting) == [
+    assert stored_statuses(data, [a["request_id"] for a in (running, *waiting)]) == [
         JobStatus.IN_PROGRESS,  # cut short: it runs again
         JobStatus.IN_QUEUE,
         JobStatus.IN_QUEUE,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from server.app import create_app
 from server.config import Settings
 from server.services import Services
 from server.worker_process import Listener
+from tests.server.fetch.lora_server import LoraServer
 from tests.server.standin import StandInWorker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +36,21 @@ class Harness:
         self.client = client
         self.worker = worker
 
+    @property
+    def services(self) -> Services:
+        services: Services = self.client.app.state.services  # type: ignore[attr-defined]
+        return services
+
+
+def wait_completed(h: Harness, status_url: str, timeout: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = h.client.get(status_url).json()
+        if status["status"] == "COMPLETED":
+            return dict(status)
+        time.sleep(0.02)
+    raise AssertionError("not completed in time")
+
 
 def _harness(
     tmp_path: Path, hold: bool, worker: dict[str, bool] | None = None, **overrides: object
@@ -54,6 +71,15 @@ def _harness(
         stand_in.settle = app.state.services.scheduler.completion.drain
         client.get("/ready")  # lets the stand-in's WorkerReady through
         yield Harness(client, stand_in)
+
+
+@pytest.fixture
+def lora_server() -> Iterator[LoraServer]:
+    """LoRA files served on loopback, scripted per path."""
+    server = LoraServer()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
 
 
 @pytest.fixture

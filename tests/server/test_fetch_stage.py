@@ -4,10 +4,7 @@ while requests without LoRAs go on."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.server.conftest import _harness
 from tests.server.fetch.lora_server import LoraServer, Route, lora_bytes
@@ -15,16 +12,8 @@ from tests.server.fetch.lora_server import LoraServer, Route, lora_bytes
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
 
 
-@pytest.fixture
-def server() -> Iterator[LoraServer]:
-    s = LoraServer()
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
-
-
-def test_a_slow_drip_lora_fails_its_request_and_others_go_on(server: LoraServer, tmp_path: Path) -> None:
-    url = server.serve("/drip.safetensors", Route(lora_bytes(tmp_path, 1), drip=0.05))
+def test_a_slow_drip_lora_fails_its_request_and_others_go_on(lora_server: LoraServer, tmp_path: Path) -> None:
+    url = lora_server.serve("/drip.safetensors", Route(lora_bytes(tmp_path, 1), drip=0.05))
     limits = {"download_min_bytes_per_second": 1000, "download_rate_window_seconds": 0.5}
     gen = _harness(tmp_path, hold=False, allow_private_lora_urls=True, **limits)
     h = next(gen)

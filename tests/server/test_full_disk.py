@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 
 from server.files import FileStore
-from server.services import Services
 from tests.server.conftest import Harness, _harness
 
 SUBMIT = "/queue/fal-ai/flux-2/lora"
@@ -22,11 +21,6 @@ BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps":
 @pytest.fixture
 def h(tmp_path: Path) -> Iterator[Harness]:
     yield from _harness(tmp_path, hold=False)
-
-
-def services(h: Harness) -> Services:
-    found: Services = h.client.app.state.services  # type: ignore[attr-defined]
-    return found
 
 
 def test_images_on_a_full_disk_fail_their_request_with_507(
@@ -56,7 +50,7 @@ def test_images_on_a_full_disk_fail_their_request_with_507(
 def test_a_full_job_store_refuses_new_requests_with_507_and_recovers(h: Harness) -> None:
     """SQLite's own "database or disk is full", made real by capping the store's pages."""
     kept = h.client.post(SUBMIT, json=BODY).json()
-    engine = services(h).scheduler.store._engine  # type: ignore[union-attr]
+    engine = h.services.scheduler.store._engine  # type: ignore[union-attr]
 
     def capped(connection: Any, record: Any) -> None:
         pages = connection.execute("PRAGMA page_count").fetchone()[0]

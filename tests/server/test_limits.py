@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import Harness, _harness
+from tests.server.conftest import Harness, _harness, wait_completed
 
 SUBMIT = "/queue/fal-ai/flux-2/lora"
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
@@ -17,16 +17,6 @@ BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps":
 @pytest.fixture
 def small_queue(tmp_path: Path) -> Iterator[Harness]:
     yield from _harness(tmp_path, hold=True, max_queue=2, run_timeout_seconds=0.3, max_body_bytes=4096)
-
-
-def wait_completed(h: Harness, status_url: str, timeout: float = 5.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = h.client.get(status_url).json()
-        if status["status"] == "COMPLETED":
-            return dict(status)
-        time.sleep(0.02)
-    raise AssertionError("not completed in time")
 
 
 def test_configured_maximum_queue(small_queue: Harness) -> None:

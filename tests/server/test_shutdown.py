@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from server.services import Services
 from tests.server.conftest import Harness
 
 SUBMIT = "/queue/fal-ai/flux-2/lora"
@@ -11,9 +10,8 @@ BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps":
 
 def test_draining_refuses_new_requests_and_starts_no_more_jobs(held: Harness) -> None:
     running, waiting = held.client.post(SUBMIT, json=BODY).json(), held.client.post(SUBMIT, json=BODY).json()
-    services: Services = held.client.app.state.services  # type: ignore[attr-defined]
     assert held.client.portal is not None
-    held.client.portal.call(services.scheduler.begin_shutdown)
+    held.client.portal.call(held.services.scheduler.begin_shutdown)
     for route in (SUBMIT, "/fal-ai/flux-2/lora"):
         refused = held.client.post(route, json=BODY)
         assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]

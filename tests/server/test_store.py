@@ -211,7 +211,7 @@ def test_memory_holds_only_unfinished_requests_and_a_restart_reads_only_those(tm
     finished = h.client.post(SUBMIT, json=BODY).json()
     h.worker.release()
     running = h.client.post(SUBMIT, json=BODY).json()
-    scheduler = h.client.app.state.services.scheduler  # type: ignore[attr-defined]
+    scheduler = h.services.scheduler
     assert set(scheduler.jobs) == {running["request_id"]}  # the finished one lives in the store only
     assert h.client.get(finished["response_url"]).status_code == 200  # read back from it by id
     first.close()
@@ -219,7 +219,7 @@ def test_memory_holds_only_unfinished_requests_and_a_restart_reads_only_those(tm
     second = _harness(tmp_path, hold=True)
     h = next(second)
     try:
-        scheduler = h.client.app.state.services.scheduler  # type: ignore[attr-defined]
+        scheduler = h.services.scheduler
         assert set(scheduler.jobs) == {running["request_id"]}
         assert h.client.get(finished["status_url"]).json()["status"] == "COMPLETED"
         assert h.client.put(finished["cancel_url"]).status_code == 400  # already completed

@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import Harness, _harness
+from tests.server.conftest import Harness, _harness, wait_completed
 
 SUBMIT = "/queue/fal-ai/flux-2/lora"
 BODY = {"prompt": "a lighthouse", "image_size": "square", "num_inference_steps": 4}
-
-
-def completed(h: Harness, status_url: str, timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = h.client.get(status_url).json()
-        if status["status"] == "COMPLETED":
-            return dict(status)
-        time.sleep(0.02)
-    raise AssertionError("not completed in time")
 
 
 def watchdog_kills(h: Harness) -> dict[str, float]:
@@ -40,7 +29,7 @@ def test_a_silent_worker_is_killed_and_replaced_and_the_queue_goes_on(tmp_path: 
     h = next(gen)
     try:
         hung, waiting = h.client.post(SUBMIT, json=BODY).json(), h.client.post(SUBMIT, json=BODY).json()
-        status = completed(h, hung["status_url"])  # the stand-in said one step, then nothing
+        status = wait_completed(h, hung["status_url"])  # the stand-in said one step, then nothing
         assert status["error_type"] == "runner_disconnected"
         assert "sent nothing for 0.3 s" in status["error"]
         assert h.worker.kills == 1
@@ -60,7 +49,7 @@ def test_a_generation_deaf_to_its_cancel_is_killed_after_the_grace(tmp_path: Pat
     h = next(gen)
     try:
         deaf = h.client.post(SUBMIT, json=BODY).json()
-        status = completed(h, deaf["status_url"])
+        status = wait_completed(h, deaf["status_url"])
         assert status["error_type"] == "generation_timeout"
         assert "did not stop within 0.3 s of being asked" in status["error"]
         assert h.client.get(deaf["response_url"]).status_code == 504
