@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from PIL import Image
 
 from pipeline.acceleration import PRESETS, Accelerator, Preset
 from pipeline.errors import Cancelled, InvalidInput
@@ -39,9 +40,11 @@ def seed_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed((seed + k) % SEED_MODULUS) for k in range(count)]
 
 
-def pipeline_kwargs(params: GenerationParams) -> dict[str, Any]:
-    """The exact Flux2Pipeline arguments for a request; tests call the pipeline directly with these."""
+def pipeline_kwargs(params: GenerationParams, images: Sequence[Image.Image] = ()) -> dict[str, Any]:
+    """The exact Flux2Pipeline arguments for a request (and its reference images, for an edit); tests call
+    the pipeline directly with these."""
     return {
+        **({"image": list(images)} if images else {}),
         "prompt": params.prompt,
         "height": params.height,
         "width": params.width,
@@ -51,6 +54,12 @@ def pipeline_kwargs(params: GenerationParams) -> dict[str, Any]:
         "generator": seed_generators(params.seed, params.num_images),
         "output_type": "pil",
     }
+
+
+def open_reference(path: str) -> Image.Image:
+    """A reference image as the HTTP side stored it (an RGB PNG), loaded whole before the file may go."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _pinned(parsed: ParsedLora) -> ParsedLora:
@@ -87,16 +96,23 @@ class ImageGenerator:
         self.safety = safety
         self.last_lora_switch_seconds = 0.0
 
-    def expand_prompt(self, prompt: str, seed: int) -> str:
-        """The prompt rewritten by the pipeline's own text encoder (FLUX.2's caption upsampling).
+    def expand_prompt(self, prompt: str, seed: int, images: Sequence[Image.Image] = ()) -> str:
+        """The prompt rewritten by the pipeline's own text encoder (FLUX.2's caption upsampling), looking
+        at the reference images of an edit.
 
         `generate` samples from torch's global generator, so it is seeded from the request, inside a forked
-        RNG state: the same request expands the same way, and nothing else's randomness moves.
+        RNG state: the same request expands the same way, and nothing else's randomness moves. The images
+        go in as one prompt's list: `upsample_prompt` reads a flat list as one image per prompt (and
+        `Flux2Pipeline.__call__` passes it flat, which fails for two or more references).
         """
         devices = [self.pipe.text_encoder.device] if self.pipe.text_encoder.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed % 2**63)
-            expanded = self.pipe.upsample_prompt(prompt, temperature=EXPANSION_TEMPERATURE)[0].strip()
+            expanded = self.pipe.upsample_prompt(
+                prompt,
+                images=[list(images)] if images else None,  # type: ignore[arg-type]  # diffusers' hint is wrong
+                temperature=EXPANSION_TEMPERATURE,
+            )[0].strip()
         return expanded or prompt  # a model that says nothing leaves the prompt as it was
 
     def prompt_embeds(self, prompt: str) -> torch.Tensor:
@@ -158,9 +174,10 @@ class ImageGenerator:
 
     def generate(self, job: Job, on_step: StepCallback, cancelled: CancelCheck) -> JobSucceeded:
         self.apply_loras(job.loras)
+        references = [open_reference(path) for path in job.images]
         params = job.params
         if params.enable_prompt_expansion:
-            params = replace(params, prompt=self.expand_prompt(params.prompt, params.seed))
+            params = replace(params, prompt=self.expand_prompt(params.prompt, params.seed, references))
         total = params.num_inference_steps
 
         def step_end(
@@ -175,7 +192,7 @@ class ImageGenerator:
         started = time.perf_counter()
         with torch.inference_mode():
             kwargs = {
-                **pipeline_kwargs(params),
+                **pipeline_kwargs(params, references),
                 "prompt": None,
                 "prompt_embeds": self.prompt_embeds(params.prompt),
             }

@@ -52,8 +52,8 @@ class GenerationParams:
     """A validated request, already reduced to what the pipeline needs (sizes resolved, seed drawn)."""
 
     prompt: str
-    width: int
-    height: int
+    width: int | None  # None (edits without `image_size`): the first reference image's size, as
+    height: int | None  # Flux2Pipeline takes it (scaled to at most 1 MP, floored to multiples of 16)
     num_inference_steps: int
     guidance_scale: float
     seed: int
@@ -66,11 +66,14 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class Job:
-    """One request for the worker: it can only be made with LoRAs already fetched."""
+    """One request for the worker: it can only be made with LoRAs and reference images already fetched.
+    `images` are PNG files of the reference images, already decoded to RGB and scaled to at most one
+    megapixel by the HTTP side, in the request's order."""
 
     request_id: str
     params: GenerationParams
     loras: tuple[ResolvedLora, ...] = ()
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from server.auth import KeyRing
 from server.config import Settings
 from server.errors import FalHTTPError, handle_fal_error
 from server.fetch.lora_fetcher import LoraFetcher
+from server.fetch.reference_images import ReferenceFetcher
 from server.fetch.stage import FetchStage
 from server.files import FileStore
 from server.metrics import Metrics
@@ -23,6 +24,7 @@ from server.middleware import FalRoutingMiddleware, SizeLimitMiddleware
 from server.outputs import OutputBuilder
 from server.routes import ops, playground, queue, run
 from server.scheduler import Scheduler
+from server.schemas import APPS
 from server.services import Services
 from server.store.database import Database, sqlite_url
 from server.store.job_store import WRITE_ERRORS, SqlJobStore
@@ -65,7 +67,7 @@ def create_app(
     scheduler = Scheduler(
         worker_factory or spawn_worker,
         OutputBuilder(files),
-        FetchStage(fetcher),
+        FetchStage(fetcher, ReferenceFetcher(settings.reference_policy(), fetcher.downloads, files)),
         metrics,
         store=store,
         webhooks=webhooks,
@@ -101,8 +103,14 @@ def create_app(
         webhooks=webhooks,
     )
     app.add_exception_handler(FalHTTPError, handle_fal_error)
+    edit_paths = {
+        f"{prefix}/{app_id}" for app_id in APPS if app_id.endswith("/edit") for prefix in ("", "/queue")
+    }
     app.add_middleware(
-        SizeLimitMiddleware, max_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes
+        SizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        larger=lambda path: settings.edit_body_max_bytes if path in edit_paths else None,
     )
     app.add_middleware(FalRoutingMiddleware)
     for module in (run, queue, ops, playground):

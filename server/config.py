@@ -20,7 +20,8 @@ from pipeline.messages import WorkerConfig
 from pipeline.models import PACKAGED_REGISTRY, Registry
 from server.fetch.downloads import TransferLimits
 from server.fetch.lora_fetcher import LoraPolicy
-from server.schemas import PRESET_SIZES
+from server.fetch.reference_images import ReferencePolicy
+from server.schemas import MAX_REFERENCE_IMAGES, PRESET_SIZES
 from server.watchdog import WatchdogLimits
 
 ENV_PREFIX = "FLUX2_"
@@ -88,6 +89,10 @@ class Settings(BaseSettings):
     download_rate_window_seconds: float = 30.0
     downloads_max: int = 16  # LoRA downloads at once; more wait their turn in the fetch stage
     downloads_per_host: int = 4  # ... and at once from one host
+    # Edits
+    max_reference_images: int = Field(default=4, ge=1, le=MAX_REFERENCE_IMAGES)  # per request, as fal's 4
+    reference_image_max_bytes: int = 25 * 1024**2  # one reference as sent: download, data: URI or upload
+    reference_image_max_pixels: int = 64_000_000  # one reference decoded (a decompression bomb is a 422)
     prompt_cache_max_bytes: int = 1024**3  # text-encoder outputs kept on the device for repeated prompts
     api_keys: Names = ()  # FLUX2_API_KEYS=key1,key2: when set, every fal route needs one
     api_keys_file: UserPath | None = None  # or one key per line in a file
@@ -151,6 +156,16 @@ class Settings(BaseSettings):
                 max_per_host=self.downloads_per_host,
             ),
         )
+
+    def reference_policy(self) -> ReferencePolicy:
+        return ReferencePolicy(self.reference_image_max_bytes, self.reference_image_max_pixels)
+
+    @property
+    def edit_body_max_bytes(self) -> int:
+        """The body cap of the edit routes: room for every allowed reference as a base64 data: URI (4
+        characters per 3 bytes) on top of the usual cap."""
+        per_image = -(-self.reference_image_max_bytes * 4 // 3)
+        return self.max_body_bytes + self.max_reference_images * per_image
 
     def watchdog_limits(self) -> WatchdogLimits:
         return WatchdogLimits(

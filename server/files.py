@@ -1,4 +1,4 @@
-"""The one home of stored files: generated images now, uploaded reference images next.
+"""The one home of stored files: generated images, uploads, and requests' reference images.
 
 Each file is written under an unguessable name in the files folder, with its owner (the API key digest
 of the request that made it) in the store's `files` table; it is served only to that owner and deleted
@@ -58,6 +58,14 @@ class FileStore:
             row = connection.execute(sa.select(files.c.owner).where(files.c.name == name)).first()
         path = self.root / name
         return path if row is not None and row.owner == owner and path.is_file() else None
+
+    def delete(self, names: list[str]) -> None:
+        """Delete these files now (a request's reference images, once it is done with them)."""
+        with self._engine.begin() as connection:
+            for name in names:
+                with contextlib.suppress(OSError):
+                    (self.root / name).unlink(missing_ok=True)
+            connection.execute(sa.delete(files).where(files.c.name.in_(names)))
 
     def expire(self, cutoff: float) -> int:
         """Delete the files stored before `cutoff` (a time.time() value); returns how many."""

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from server.auth import request_owner
 from server.errors import FalHTTPError, invalid_body, not_json_body
 from server.jobs import JobRecord, Priority
-from server.outcome import Failure, failed
+from server.outcome import Failure, failed, input_error
 from server.schemas import APPS
 from server.services import Services
 
@@ -80,5 +80,14 @@ async def new_record(app_id: str, request: Request, services: Services) -> JobRe
         return record
     record.params = validated.to_params()
     record.loras = validated.lora_requests()
+    record.image_urls = validated.reference_urls()
+    limit = services.settings.max_reference_images
+    if len(record.image_urls) > limit:
+        record.outcome = input_error(
+            ("image_urls",),
+            f"at most {limit} reference images are allowed (this server's FLUX2_MAX_REFERENCE_IMAGES)",
+            "too_long",
+            body,
+        )
     record.sync_mode = validated.sync_mode
     return record

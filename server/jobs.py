@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
+from pathlib import Path
 from typing import Any
 
 from pipeline.messages import GenerationParams, Job
@@ -62,6 +63,7 @@ class JobRecord:
     base_url: str  # this server's URL as the client reached it, for absolute file URLs
     params: GenerationParams | None = None  # None when the input failed validation
     loras: tuple[LoraRequest, ...] = ()  # as requested; fetched before the request is queued
+    image_urls: tuple[str, ...] = ()  # an edit's reference images as requested; fetched likewise
     sync_mode: bool = False
     priority: Priority = Priority.NORMAL
     status: JobStatus = JobStatus.IN_QUEUE
@@ -72,6 +74,7 @@ class JobRecord:
     logs: list[LogEntry] = field(default_factory=list)
     outcome: Outcome | None = None
     fetched_loras: list[LocalLora] = field(default_factory=list)  # `loras` on disk, pinned until done
+    fetched_images: list[Path] = field(default_factory=list)  # `image_urls` decoded, kept until done
     start_timeout: float | None = None  # X-Fal-Request-Timeout: seconds it may wait before starting
     timed_out: bool = False  # stopped for running past the run timeout
     webhook_url: str | None = None  # `?fal_webhook=`: told the outcome when the request completes
@@ -119,9 +122,11 @@ class JobRecord:
         return True
 
     def job(self) -> Job:
-        """What the worker runs: the request with its LoRAs as the fetch stage resolved them."""
+        """What the worker runs: the request with its LoRAs and reference images as the fetch stage left
+        them."""
         assert self.params is not None, "an invalid request never runs"
-        return Job(self.request_id, self.params, resolved(self.loras, self.fetched_loras))
+        loras = resolved(self.loras, self.fetched_loras)
+        return Job(self.request_id, self.params, loras, tuple(str(path) for path in self.fetched_images))
 
     @property
     def done(self) -> bool:

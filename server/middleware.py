@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,12 +61,20 @@ class FalRoutingMiddleware:
 
 
 class SizeLimitMiddleware:
-    """431 for oversized headers; 413 for a body over `max_bytes`, declared or counted as it streams in."""
+    """431 for oversized headers; 413 for a body over the path's cap (`max_bytes`, or what `larger` says
+    for a path: the edit routes take reference images), declared or counted as it streams in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_header_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        max_header_bytes: int,
+        larger: Callable[[str], int | None] = lambda path: None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_header_bytes = max_header_bytes
+        self.larger = larger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,9 +86,10 @@ class SizeLimitMiddleware:
             detail = {"detail": f"Request headers larger than {self.max_header_bytes} bytes"}
             await _answer(send, 431, detail, str(uuid.uuid4()))
             return
+        max_bytes = self.larger(scope["path"]) or self.max_bytes
         declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
-        too_large = {"detail": f"Request body larger than {self.max_bytes} bytes"}
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        too_large = {"detail": f"Request body larger than {max_bytes} bytes"}
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             await _answer(send, 413, too_large, str(uuid.uuid4()))
             return
         received = 0
@@ -89,7 +99,7 @@ class SizeLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise _BodyTooLarge()
             return message
 

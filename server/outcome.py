@@ -94,8 +94,25 @@ def input_error(loc: tuple[str | int, ...], message: str, error_type: str, reque
         except (KeyError, IndexError, TypeError):
             value = None
             break
-    error = {"type": error_type, "loc": ["body", *loc], "msg": message, "input": value if loc else None}
+    error = {
+        "type": error_type,
+        "loc": ["body", *loc],
+        "msg": message,
+        "input": _quoted(value) if loc else None,
+    }
     return model_error([error], error_type)
+
+
+_QUOTE_CHARS = 200
+
+
+def _quoted(value: Any) -> Any:
+    """The input as the error quotes it: long strings (a data: URI of megabytes) cut short."""
+    if isinstance(value, str) and len(value) > _QUOTE_CHARS:
+        return f"{value[:_QUOTE_CHARS]}... ({len(value)} characters)"
+    if isinstance(value, list):
+        return [_quoted(item) for item in value]
+    return value
 
 
 def worker_failed(failure: JobFailed, request_input: dict[str, Any]) -> Outcome:

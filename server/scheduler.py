@@ -182,7 +182,7 @@ class Scheduler:
         if record.start_timeout is not None:
             assert self._loop is not None, "the scheduler is not started"
             self._loop.call_later(record.start_timeout, self._start_expired, record)
-        if record.loras:  # fetched first, off the GPU's path; queued once the files are local
+        if record.loras or record.image_urls:  # fetched first, off the GPU's path; queued once local
             self.fetch.start(record, self._enqueue, self.completion.close)
         else:
             self._enqueue(record)

@@ -1,4 +1,5 @@
-"""fal's input and output schema for `fal-ai/flux-2/lora` and `fal-ai/flux-2`: defaults, bounds, types."""
+"""fal's input and output schema for `fal-ai/flux-2/lora`, `fal-ai/flux-2` and their `/edit` apps: defaults,
+bounds, types."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ PRESET_SIZES: dict[str, tuple[int, int]] = {  # name -> (width, height), as fal'
 SIZE_MULTIPLE = 16  # FLUX.2 latents are 8x downsampled, then patchified 2x2
 MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 20_000  # FLUX.2 reads 512 tokens; far longer prompts are abuse, not art
+MAX_REFERENCE_IMAGES = (
+    10  # what FLUX.2 [dev] takes; the server's own limit (FLUX2_MAX_REFERENCE_IMAGES) is lower
+)
 
 
 def _encodable(text: str) -> str:
@@ -67,8 +71,11 @@ class Flux2Input(BaseModel):
     enable_safety_checker: bool = True
     output_format: Literal["jpeg", "png", "webp"] = "png"
 
-    def dimensions(self) -> tuple[int, int]:
-        """(width, height) in pixels; custom sides round to the nearest multiple of 16, halves up."""
+    def dimensions(self) -> tuple[int, int] | tuple[None, None]:
+        """(width, height) in pixels; custom sides round to the nearest multiple of 16, halves up. None for
+        an edit without `image_size`: the pipeline takes the first reference image's size."""
+        if self.image_size is None:
+            return None, None
         if isinstance(self.image_size, str):
             return PRESET_SIZES[self.image_size]
         return _round_side(self.image_size.width), _round_side(self.image_size.height)
@@ -92,6 +99,9 @@ class Flux2Input(BaseModel):
     def lora_requests(self) -> tuple[LoraRequest, ...]:
         return ()
 
+    def reference_urls(self) -> tuple[str, ...]:
+        return ()
+
 
 class Flux2LoraInput(Flux2Input):
     """The body of `POST fal-ai/flux-2/lora`."""
@@ -100,6 +110,26 @@ class Flux2LoraInput(Flux2Input):
 
     def lora_requests(self) -> tuple[LoraRequest, ...]:
         return tuple(LoraRequest(lora.path, lora.scale) for lora in self.loras)
+
+
+class Flux2EditInput(Flux2Input):
+    """The body of `POST fal-ai/flux-2/edit`: the prompt edits (or composes from) the reference images."""
+
+    image_urls: list[Text] = Field(
+        min_length=1,
+        max_length=MAX_REFERENCE_IMAGES,
+        description="Reference images: https/http URLs, data: URIs, or this server's own file URLs.",
+    )
+    image_size: ImageSizePreset | ImageSize | None = Field(  # type: ignore[assignment]  # optional on edits
+        default=None, description="Absent: the first reference's size, scaled to at most 1 MP, floored to 16."
+    )
+
+    def reference_urls(self) -> tuple[str, ...]:
+        return tuple(self.image_urls)
+
+
+class Flux2LoraEditInput(Flux2EditInput, Flux2LoraInput):
+    """The body of `POST fal-ai/flux-2/lora/edit`."""
 
 
 def _round_side(pixels: int) -> int:
@@ -128,7 +158,12 @@ class Flux2Output(BaseModel):
 
 
 # The apps this server answers for, by fal app id; each id's input model.
-APPS: dict[str, type[Flux2Input]] = {"fal-ai/flux-2/lora": Flux2LoraInput, "fal-ai/flux-2": Flux2Input}
+APPS: dict[str, type[Flux2Input]] = {
+    "fal-ai/flux-2/lora": Flux2LoraInput,
+    "fal-ai/flux-2": Flux2Input,
+    "fal-ai/flux-2/lora/edit": Flux2LoraEditInput,
+    "fal-ai/flux-2/edit": Flux2EditInput,
+}
 
 
 # --- what the other routes answer (for the OpenAPI document; the bodies are built in the routes) ---------

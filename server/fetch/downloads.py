@@ -1,11 +1,11 @@
-"""LoRA files over HTTP(S), into the disk cache.
+"""Files over HTTP(S): LoRAs into the disk cache, reference images into memory.
 
 Connections go only to public addresses, pinned to the address that was checked (`address_guard`);
-redirects are followed by hand (at most 5), each hop through the same check. A download is streamed to a
-partial file, hashed on the way, size-capped as it arrives, and checked as safetensors before it enters
-the cache. Every download has to keep moving (a minimum rate over each window, a read timeout) and to end
-(a total deadline), and only so many run at once, in all and per host: more wait their turn, so a flood
-of slow URLs holds neither the process nor the other requests' downloads for long.
+redirects are followed by hand (at most 5), each hop through the same check. A download is size-capped as
+it arrives; a LoRA is streamed to a partial file, hashed on the way, and checked as safetensors before
+it enters the cache. Every download has to keep moving (a minimum rate over each window, a read timeout)
+and to end (a total deadline), and only so many run at once, in all and per host: more wait their turn,
+so a flood of slow URLs holds neither the process nor the other requests' downloads for long.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 
@@ -26,6 +27,8 @@ from server.fetch.safetensors_check import CheckedFile, validate_safetensors
 
 MAX_REDIRECTS = 5
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,19 +65,38 @@ class Downloader:
         self._turns = _Turns(policy.limits.max_concurrent, policy.limits.max_per_host)
 
     async def download(self, url: str, progress: Progress) -> CheckedFile:
-        """The URL's file in the cache: the one fetched before, or a new download once its turn comes."""
+        """The URL's LoRA file in the cache: the one fetched before, or a new download once its turn
+        comes."""
         cached = self.cache.lookup(url)
         if cached is not None:
             return cached
+
+        async def into_cache(resp: httpx.Response) -> CheckedFile:
+            return await self._stream_to_cache(url, resp, progress)
+
+        return await self._fetch(url, into_cache)
+
+    async def read(self, url: str, max_bytes: int) -> bytes:
+        """The URL's body in memory (a reference image), at most `max_bytes`; with the same turns, limits
+        and address rules as LoRA downloads."""
+
+        async def into_memory(resp: httpx.Response) -> bytes:
+            _check_announced(resp, max_bytes, Progress())
+            return b"".join([chunk async for chunk in _chunks(resp, max_bytes, self.policy.limits)])
+
+        return await self._fetch(url, into_memory)
+
+    async def _fetch(self, url: str, consume: Callable[[httpx.Response], Awaitable[T]]) -> T:
         deadline = self.policy.limits.deadline
         async with self._turns.turn(httpx.URL(url).host):
             try:
                 async with asyncio.timeout(deadline):
-                    return await self._download(url, progress)
+                    return await self._follow(url, consume)
             except TimeoutError:
                 raise FetchFailure(f"the download did not finish within {deadline:g} s") from None
 
-    async def _download(self, url: str, progress: Progress) -> CheckedFile:
+    async def _follow(self, url: str, consume: Callable[[httpx.Response], Awaitable[T]]) -> T:
+        """GET the URL, following redirects by hand; `consume` reads the final 200 answer."""
         p = self.policy.limits
         try:
             current = httpx.URL(url)
@@ -90,7 +112,7 @@ class Downloader:
                         continue
                     if resp.status_code != 200:
                         raise FetchFailure(f"the server answered {resp.status_code}")
-                    return await self._stream_to_cache(url, resp, progress)
+                    return await consume(resp)
             raise FetchFailure(f"too many redirects (more than {MAX_REDIRECTS})")
         except ForbiddenAddress as exc:
             raise FetchFailure(
@@ -133,23 +155,14 @@ class Downloader:
 
     async def _stream_to_cache(self, url: str, resp: httpx.Response, progress: Progress) -> CheckedFile:
         limit = self.policy.max_bytes
-        length_header = resp.headers.get("content-length")
-        if length_header is not None and length_header.isdigit():
-            length = int(length_header)
-            if length > limit:
-                raise FetchFailure(f"the file is {human_bytes(length)}, over the {human_bytes(limit)} limit")
-            progress.announced(length)
+        _check_announced(resp, limit, progress)
         partial = self.cache.partial_file()
         hasher = hashlib.sha256()
         total = 0
-        rate = _RateCheck(self.policy.limits)
         try:
             with partial.open("wb") as out:
-                async for chunk in resp.aiter_raw():  # as it arrives: a drip is seen at once
+                async for chunk in _chunks(resp, limit, self.policy.limits):
                     total += len(chunk)
-                    if total > limit:
-                        raise FetchFailure(f"the file is larger than the {human_bytes(limit)} limit")
-                    rate.check(total)
                     progress.streamed(total)
                     hasher.update(chunk)
                     out.write(chunk)
@@ -159,6 +172,29 @@ class Downloader:
             with contextlib.suppress(OSError):
                 partial.unlink()
             raise
+
+
+def _check_announced(resp: httpx.Response, limit: int, progress: Progress) -> None:
+    """Refuse at once a body whose Content-Length is over `limit`; tell `progress` the length."""
+    length_header = resp.headers.get("content-length")
+    if length_header is not None and length_header.isdigit():
+        length = int(length_header)
+        if length > limit:
+            raise FetchFailure(f"the file is {human_bytes(length)}, over the {human_bytes(limit)} limit")
+        progress.announced(length)
+
+
+async def _chunks(resp: httpx.Response, limit: int, limits: TransferLimits) -> AsyncIterator[bytes]:
+    """The body as it arrives (a drip is seen at once), failing past `limit` bytes or under the minimum
+    rate."""
+    total = 0
+    rate = _RateCheck(limits)
+    async for chunk in resp.aiter_raw():
+        total += len(chunk)
+        if total > limit:
+            raise FetchFailure(f"the file is larger than the {human_bytes(limit)} limit")
+        rate.check(total)
+        yield chunk
 
 
 class _Turns:

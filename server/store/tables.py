@@ -91,6 +91,15 @@ class LogEntries(Dataclass):
         return list(super().from_json(data))
 
 
+class Strings(Json):
+    """A tuple of strings as a JSON array."""
+
+    cache_ok = True
+
+    def from_json(self, data: Any) -> Any:
+        return tuple(data)
+
+
 metadata = sa.MetaData()
 
 jobs = sa.Table(
@@ -102,6 +111,7 @@ jobs = sa.Table(
     sa.Column("base_url", sa.Text, nullable=False),
     sa.Column("params", Dataclass(GenerationParams)),  # NULL when the input failed validation
     sa.Column("loras", Dataclass(LoraRequest, many=True), nullable=False, server_default="[]"),
+    sa.Column("image_urls", Strings, nullable=False, server_default="[]"),
     sa.Column("priority", IntEnumValue(Priority), nullable=False),
     sa.Column("start_timeout", sa.Float),
     sa.Column("status", EnumValue(JobStatus), nullable=False),

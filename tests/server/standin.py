@@ -111,7 +111,11 @@ class StandInWorker:
         if job is None:
             return
         p = job.params
-        image = EncodedImage(png(p.width, p.height), "image/png", p.width, p.height)
+        width, height = p.width, p.height
+        if width is None or height is None:  # an edit's output takes its first reference's size
+            with Image.open(job.images[0]) as first:
+                width, height = first.width // 16 * 16, first.height // 16 * 16
+        image = EncodedImage(png(width, height), "image/png", width, height)
         self.listener(
             JobSucceeded(
                 job.request_id, (image,) * p.num_images, p.seed, p.prompt, (False,) * p.num_images, 0.01

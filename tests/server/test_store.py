@@ -52,11 +52,19 @@ def migrated(url: str) -> Database:
 def test_round_trip(url: str) -> None:
     database = migrated(url)
     store = SqlJobStore(database)
-    params = GenerationParams("p", 512, 512, 4, 2.5, 2**64 - 1)
+    params = GenerationParams("p", None, None, 4, 2.5, 2**64 - 1)
     loras = (LoraRequest("a/b", 0.5),)
+    references = ("https://example.com/a.png", "data:image/png;base64,AAAA")
     record = JobRecord(
-        "r1", "fal-ai/flux-2/lora", {"prompt": "p"}, "http://h/", params=params, loras=loras, durable=True
+        "r1",
+        "fal-ai/flux-2/lora/edit",
+        {"prompt": "p"},
+        "http://h/",
+        params=params,
+        loras=loras,
+        durable=True,
     )
+    record.image_urls = references
     record.priority = Priority.LOW
     record.log("hello")
     store.save(record)
@@ -67,6 +75,7 @@ def test_round_trip(url: str) -> None:
     loaded = SqlJobStore(migrated(url)).load("r1")
     assert loaded is not None
     assert loaded.params == params and loaded.loras == loras and loaded.priority is Priority.LOW
+    assert loaded.image_urls == references
     assert loaded.status is JobStatus.COMPLETED and loaded.inference_seconds == 1.5
     assert loaded.outcome == record.outcome
     assert [entry.message for entry in loaded.logs] == ["hello"]
