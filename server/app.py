@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -22,13 +22,14 @@ from server.files import FileStore
 from server.metrics import Metrics
 from server.middleware import FalRoutingMiddleware, SizeLimitMiddleware
 from server.outputs import OutputBuilder
-from server.routes import ops, playground, queue, run
+from server.routes import ops, playground, queue, run, storage
 from server.scheduler import Scheduler
 from server.schemas import APPS
 from server.services import Services
 from server.store.database import Database, sqlite_url
 from server.store.job_store import WRITE_ERRORS, SqlJobStore
 from server.supervisor import Worker, WorkerFactory
+from server.uploads import PendingUploads
 from server.webhooks import WebhookSender, WebhookSigner
 from server.worker_process import Listener, WorkerProcess
 
@@ -45,6 +46,20 @@ async def _clean_up(scheduler: Scheduler, files: FileStore, ttl: float) -> None:
         except WRITE_ERRORS as exc:
             log.error("cleaning up old requests and files failed; trying again later: %s", exc)
         await asyncio.sleep(min(60.0, max(ttl / 10, 0.05)))
+
+
+def _body_caps(settings: Settings) -> Callable[[str], int | None]:
+    """The routes with their own body cap: edits (references as data: URIs) and uploads."""
+    edits = {f"{prefix}/{app}" for app in APPS if app.endswith("/edit") for prefix in ("", "/queue")}
+
+    def cap(path: str) -> int | None:
+        if path in edits:
+            return settings.edit_body_max_bytes
+        if path == "/files/upload" or path.startswith("/storage/upload/"):
+            return settings.upload_max_bytes
+        return None
+
+    return cap
 
 
 def create_app(
@@ -101,19 +116,17 @@ def create_app(
         keys=KeyRing.from_settings(settings.api_keys, settings.api_keys_file),
         metrics=metrics,
         webhooks=webhooks,
+        uploads=PendingUploads(),
     )
     app.add_exception_handler(FalHTTPError, handle_fal_error)
-    edit_paths = {
-        f"{prefix}/{app_id}" for app_id in APPS if app_id.endswith("/edit") for prefix in ("", "/queue")
-    }
     app.add_middleware(
         SizeLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
-        larger=lambda path: settings.edit_body_max_bytes if path in edit_paths else None,
+        path_cap=_body_caps(settings),
     )
     app.add_middleware(FalRoutingMiddleware)
-    for module in (run, queue, ops, playground):
+    for module in (run, queue, ops, storage, playground):
         app.include_router(module.router)
     openapi.install(app)
     return app

@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     max_reference_images: int = Field(default=4, ge=1, le=MAX_REFERENCE_IMAGES)  # per request, as fal's 4
     reference_image_max_bytes: int = 25 * 1024**2  # one reference as sent: download, data: URI or upload
     reference_image_max_pixels: int = 64_000_000  # one reference decoded (a decompression bomb is a 422)
+    upload_max_bytes: int = 64 * 1024**2  # one upload (fal_client.upload_file, fal.storage.upload)
     prompt_cache_max_bytes: int = 1024**3  # text-encoder outputs kept on the device for repeated prompts
     api_keys: Names = ()  # FLUX2_API_KEYS=key1,key2: when set, every fal route needs one
     api_keys_file: UserPath | None = None  # or one key per line in a file

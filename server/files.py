@@ -17,12 +17,24 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from pipeline.messages import CONTENT_TYPES
 from server.store.database import Database
 from server.store.tables import files
 
-_EXTENSIONS = {content_type: ext for ext, content_type in CONTENT_TYPES.items()}
-_NAME = re.compile(r"^[0-9a-f]{32}\.(png|jpeg|webp)$")
+# What a stored file may be served as, by extension. Uploads of any other type are kept as `.bin` and
+# served as octet-stream: nothing stored is ever served as HTML or script from this server's origin.
+CONTENT_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "avif": "image/avif",
+    "heic": "image/heic",
+    "bin": "application/octet-stream",
+}
+_EXTENSIONS = {content_type: ext for ext, content_type in CONTENT_TYPES.items()} | {"image/jpg": "jpeg"}
+_NAME = re.compile(rf"^[0-9a-f]{{32}}\.({'|'.join(CONTENT_TYPES)})$")
 
 
 class FileStore:
@@ -31,9 +43,16 @@ class FileStore:
         self._engine = database.engine
         root.mkdir(parents=True, exist_ok=True)
 
-    async def save(self, data: bytes, content_type: str, owner: str | None) -> str:
-        """Store the bytes under a fresh random name, readable by `owner`; returns the name."""
-        name = f"{secrets.token_hex(16)}.{_EXTENSIONS[content_type]}"
+    @staticmethod
+    def new_name(content_type: str) -> str:
+        """A fresh unguessable name whose extension says how the file will be served."""
+        media_type = content_type.split(";")[0].strip().lower()
+        return f"{secrets.token_hex(16)}.{_EXTENSIONS.get(media_type, 'bin')}"
+
+    async def save(self, data: bytes, content_type: str, owner: str | None, name: str | None = None) -> str:
+        """Store the bytes, readable by `owner`, under `name` (from `new_name`) or a fresh one; returns
+        the name."""
+        name = name or self.new_name(content_type)
         await asyncio.to_thread(self._save, name, data, owner)
         return name
 
@@ -81,3 +100,7 @@ class FileStore:
     @staticmethod
     def url(base_url: str, name: str) -> str:
         return f"{base_url.rstrip('/')}/files/{name}"
+
+    @staticmethod
+    def content_type(name: str) -> str:
+        return CONTENT_TYPES[name.rsplit(".", 1)[1]]

@@ -1,7 +1,8 @@
 """ASGI middleware that makes every path look the way fal clients expect.
 
 - `ANY /api/fal/proxy` (the JS client's proxy mode) is re-dispatched in place to the route named by the
-  `x-fal-target-url` header: `fal.run` maps to `/`, `queue.fal.run` to `/queue/`.
+  `x-fal-target-url` header: `fal.run` maps to `/`, `queue.fal.run` to `/queue/`, `rest.fal.ai` (the
+  storage calls of `fal.storage.upload`) to `/`.
 - A trailing slash is accepted on every route (fal's own SDK adds them).
 - Every response carries `x-fal-request-id`: the request's id where a route set one, a fresh id otherwise.
 """
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROXY_PATH = "/api/fal/proxy"
 TARGET_HEADER = b"x-fal-target-url"
-_HOST_PREFIXES = {"fal.run": "", "queue.fal.run": "/queue"}
+_HOST_PREFIXES = {"fal.run": "", "queue.fal.run": "/queue", "rest.fal.ai": ""}  # rest: uploads
 _REQUEST_ID_STATE = "fal_request_id"
 
 
@@ -61,20 +62,21 @@ class FalRoutingMiddleware:
 
 
 class SizeLimitMiddleware:
-    """431 for oversized headers; 413 for a body over the path's cap (`max_bytes`, or what `larger` says
-    for a path: the edit routes take reference images), declared or counted as it streams in."""
+    """431 for oversized headers; 413 for a body over the path's cap (`max_bytes`, unless `path_cap` has
+    one for the path: edits carry reference images, uploads whole files), declared or counted as it
+    streams in."""
 
     def __init__(
         self,
         app: ASGIApp,
         max_bytes: int,
         max_header_bytes: int,
-        larger: Callable[[str], int | None] = lambda path: None,
+        path_cap: Callable[[str], int | None] = lambda path: None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_header_bytes = max_header_bytes
-        self.larger = larger
+        self.path_cap = path_cap
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,7 +88,8 @@ class SizeLimitMiddleware:
             detail = {"detail": f"Request headers larger than {self.max_header_bytes} bytes"}
             await _answer(send, 431, detail, str(uuid.uuid4()))
             return
-        max_bytes = self.larger(scope["path"]) or self.max_bytes
+        cap = self.path_cap(scope["path"])
+        max_bytes = self.max_bytes if cap is None else cap
         declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
         too_large = {"detail": f"Request body larger than {max_bytes} bytes"}
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -120,7 +123,7 @@ def _retarget(scope: dict[str, Any]) -> str | None:
         return "missing the x-fal-target-url header"
     parts = urlsplit(target)
     if parts.hostname not in _HOST_PREFIXES:
-        return f"x-fal-target-url must point at fal.run or queue.fal.run, not {parts.hostname!r}"
+        return f"x-fal-target-url must point at fal.run, queue.fal.run or rest.fal.ai, not {parts.hostname!r}"
     scope["path"] = _HOST_PREFIXES[parts.hostname] + (parts.path or "/")
     scope["raw_path"] = scope["path"].encode()
     scope["query_string"] = parts.query.encode()

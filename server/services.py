@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # types only: the modules below (auth's dependency among them
     from server.files import FileStore
     from server.metrics import Metrics
     from server.scheduler import Scheduler
+    from server.uploads import PendingUploads
     from server.webhooks import WebhookSender
 
 
@@ -24,6 +25,7 @@ class Services:
     keys: KeyRing
     metrics: Metrics
     webhooks: WebhookSender
+    uploads: PendingUploads
 
 
 def get_services(request: Request) -> Services:

@@ -68,7 +68,7 @@ async def metrics(services: ServicesDep) -> Response:
 
 @router.get(
     "/files/{name}",
-    summary="A generated image",
+    summary="A generated image or an upload (its owner's only, under API keys)",
     dependencies=[Depends(require_key)],
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **errors(401, 404)},
@@ -77,4 +77,6 @@ async def file(request: Request, services: ServicesDep, name: str) -> FileRespon
     path = services.files.path_for(name, request_owner(request))
     if path is None:
         raise FalHTTPError(404, {"detail": "File not found"})
-    return FileResponse(path)
+    return FileResponse(
+        path, media_type=services.files.content_type(name), headers={"X-Content-Type-Options": "nosniff"}
+    )

@@ -11,7 +11,7 @@ import pytest
 from server.testing import LiveServer
 from tests.node import JS_DIR, node_available
 
-SCENARIOS = ["subscribe", "stream", "queue", "run", "validation", "cancel", "proxy"]
+SCENARIOS = ["subscribe", "stream", "queue", "run", "validation", "cancel", "upload", "proxy"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

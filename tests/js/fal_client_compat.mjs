@@ -20,7 +20,7 @@
 
 import { fal, ApiError, ValidationError } from "@fal-ai/client";
 
-const SCENARIOS = ["subscribe", "stream", "queue", "run", "validation", "cancel"];
+const SCENARIOS = ["subscribe", "stream", "queue", "run", "validation", "cancel", "upload"];
 const USAGE = `usage: FAL_SERVER_URL=http://HOST:PORT node tests/js/fal_client_compat.mjs <${[...SCENARIOS, "proxy", "all"].join("|")}>`;
 
 const scenario = process.argv[2];
@@ -43,6 +43,8 @@ const BAD_INPUT = { ...INPUT, num_inference_steps: 1000 };
 const STATUSES = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"];
 const FAL_RUN = "https://fal.run/";
 const FAL_QUEUE = "https://queue.fal.run/";
+const FAL_REST = "https://rest.fal.ai/"; // fal.storage.upload's calls
+const EDIT_ENDPOINT = "fal-ai/flux-2/edit";
 
 // ---------------------------------------------------------------------------------------------
 // Wire recording: the client's `fetch` option, wrapped so each call can be checked afterwards.
@@ -83,6 +85,7 @@ function logicalUrl(entry) {
 function rewriteToServer(url) {
   if (url.startsWith(FAL_QUEUE)) return `${BASE}/queue/${url.slice(FAL_QUEUE.length)}`;
   if (url.startsWith(FAL_RUN)) return `${BASE}/${url.slice(FAL_RUN.length)}`;
+  if (url.startsWith(FAL_REST)) return `${BASE}/${url.slice(FAL_REST.length)}`;
   throw new Error(`client built an unexpected URL (not fal.run / queue.fal.run): ${url}`);
 }
 
@@ -116,11 +119,18 @@ function checkWire(calls, mode) {
   check(calls.length > 0, "the client made no HTTP calls at all");
   for (const c of calls) {
     const where = `${c.method} ${c.url}`;
+    if (c.method === "PUT" && c.url.startsWith(`${BASE}/storage/upload/`)) {
+      // An upload's bytes go straight to the upload URL the server gave, with no key: the URL is the
+      // authority (the client sends none there, on fal too).
+      check(!c.headers.authorization, `${where}: the client sent its key to the upload URL`);
+      check(c.status === 200, `${where}: the upload PUT answered HTTP ${c.status}`);
+      continue;
+    }
     check(c.headers.authorization === "Key test-key", `${where}: Authorization header was ${short(c.headers.authorization)}, expected "Key test-key"`);
     if (mode === "proxy") {
       check(c.url === PROXY_URL, `${where}: proxy mode must send every call to ${PROXY_URL}`);
       const target = c.headers["x-fal-target-url"];
-      check(typeof target === "string" && (target.startsWith(FAL_RUN) || target.startsWith(FAL_QUEUE)),
+      check(typeof target === "string" && [FAL_RUN, FAL_QUEUE, FAL_REST].some((host) => target.startsWith(host)),
         `${where}: x-fal-target-url header missing or not a fal URL: ${short(target)}`);
     } else {
       check(c.url.startsWith(`${BASE}/`), `${where}: direct mode call did not go to ${BASE}`);
@@ -397,6 +407,45 @@ async function scenarioCancel() {
   };
 }
 
+/** A 96x80 24-bit BMP (a format simple enough to write by hand): a gradient, bottom-up rows. */
+function bmp(width = 96, height = 80) {
+  const row = Math.ceil((width * 3) / 4) * 4;
+  const buffer = Buffer.alloc(54 + row * height);
+  buffer.write("BM", 0);
+  buffer.writeUInt32LE(buffer.length, 2);
+  buffer.writeUInt32LE(54, 10);
+  buffer.writeUInt32LE(40, 14);
+  buffer.writeInt32LE(width, 18);
+  buffer.writeInt32LE(height, 22);
+  buffer.writeUInt16LE(1, 26);
+  buffer.writeUInt16LE(24, 28);
+  buffer.writeUInt32LE(row * height, 34);
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const at = 54 + y * row + x * 3;
+      buffer[at] = (x * 255) / width; // blue
+      buffer[at + 1] = (y * 255) / height; // green
+      buffer[at + 2] = 128; // red
+    }
+  }
+  return buffer;
+}
+
+async function scenarioUpload() {
+  const bytes = bmp();
+  const url = await fal.storage.upload(new Blob([bytes], { type: "image/bmp" }));
+  check(typeof url === "string" && url.startsWith(`${BASE}/files/`), `storage.upload answered ${short(url)}, not a file URL of ${BASE}`);
+  const served = await fetch(url, { headers: { authorization: "Key test-key" } });
+  check(served.ok, `GET ${url} answered HTTP ${served.status}`);
+  check(Buffer.from(await served.arrayBuffer()).equals(bytes), `GET ${url} did not give back the uploaded bytes`);
+  // The client uploads Blob inputs by itself (storage.transformInput) and sends their URLs instead.
+  const result = await fal.subscribe(EDIT_ENDPOINT, {
+    input: { ...INPUT, image_urls: [url, new Blob([bytes], { type: "image/bmp" })] },
+  });
+  const image = await checkImages(result.data, "subscribe(edit with uploaded references)");
+  return { uploaded: url.slice(0, 120), image };
+}
+
 async function proxyEdgeCases() {
   // Not client calls: what the proxy answers to a call the client would never make.
   const missing = await fetch(PROXY_URL, { method: "GET", headers: { authorization: "Key test-key" } });
@@ -439,6 +488,12 @@ const RUNNERS = {
     return r;
   },
   cancel: async () => scenarioCancel(),
+  upload: async (mode, calls) => {
+    const r = await scenarioUpload();
+    const initiated = calls().filter((c) => c.method === "POST" && /\/storage\/upload\/initiate\?/.test(logicalUrl(c)));
+    check(initiated.length === 2, `expected two upload initiations (one explicit, one for the Blob input), saw ${initiated.length}`);
+    return r;
+  },
 };
 
 /** ["a", "a", "a", "b"] -> ["a x3", "b"]: keeps the one-line summary readable when polling. */
