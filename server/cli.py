@@ -31,8 +31,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH[:SCALE]",
         help="a LoRA URL, Hugging Face repo or local file, with an optional scale (up to 3)",
     )
+    generate.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE_OR_URL",
+        help="a reference image to edit or compose from (repeatable): a local file, an http(s) or data: URL",
+    )
     generate.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="image file (out.png)")
-    generate.add_argument("--size", default="landscape_4_3", help="a preset (square_hd, ...) or WIDTHxHEIGHT")
+    generate.add_argument(
+        "--size",
+        help="a preset (square_hd, ...) or WIDTHxHEIGHT (default landscape_4_3; with --image: the first's)",
+    )
     generate.add_argument("--steps", type=int, default=28)
     generate.add_argument("--guidance", type=float, default=2.5)
     generate.add_argument("--seed", type=int)
@@ -159,13 +169,19 @@ def env(settings: Settings) -> int:
 
 
 def _generate(settings: Settings, args: argparse.Namespace) -> int:
-    from server.oneshot import generate, parse_lora
+    from server.oneshot import generate, parse_lora, reference_url
 
-    width, _, height = args.size.partition("x")
-    size: object = (
-        {"width": int(width), "height": int(height)} if width.isdigit() and height.isdigit() else args.size
-    )
-    body = {
+    size: object = args.size or (None if args.image else "landscape_4_3")
+    if args.size:
+        width, _, height = args.size.partition("x")
+        if width.isdigit() and height.isdigit():
+            size = {"width": int(width), "height": int(height)}
+    try:
+        references = [reference_url(text) for text in args.image]
+    except OSError as exc:
+        print(f"flux2-server: --image {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    body: dict[str, object] = {
         "prompt": args.prompt,
         "image_size": size,
         "num_inference_steps": args.steps,
@@ -177,6 +193,7 @@ def _generate(settings: Settings, args: argparse.Namespace) -> int:
             args.output.suffix.lower(), "png"
         ),
         "loras": [parse_lora(text) for text in args.lora],
+        **({"image_urls": references} if references else {}),
     }
     return generate(settings, load_registry(settings.models_file), body, args.output)
 

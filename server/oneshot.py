@@ -1,14 +1,18 @@
 """`flux2-server generate` and `download`: local, one-shot use of the same code the server runs.
 
-`generate` validates its arguments with the server's own input schema, fetches LoRAs through the same
-fetcher and cache, and runs the same `ImageGenerator`, so a CLI image equals the server's for the same
-request. torch is imported only inside these functions.
+`generate` validates its arguments with the server's own input schema, fetches LoRAs and reference
+images through the same fetchers (a local reference file goes in as a `data:` URI, so it passes the same
+checks), and runs the same `ImageGenerator`, so a CLI image equals the server's for the same request.
+torch is imported only inside these functions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import mimetypes
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,10 @@ from server.config import Settings
 from server.errors import validation_errors
 from server.fetch.errors import LoraSourceError
 from server.fetch.lora_fetcher import LocalLora, LoraFetcher, resolved
-from server.schemas import Flux2LoraInput
+from server.fetch.reference_images import ReferenceFetcher, ReferenceImageError
+from server.files import FileStore
+from server.schemas import Flux2LoraEditInput, Flux2LoraInput
+from server.store.database import Database, sqlite_url
 
 
 def parse_lora(text: str) -> dict[str, Any]:
@@ -33,22 +40,44 @@ def parse_lora(text: str) -> dict[str, Any]:
         return {"path": text}
 
 
+def reference_url(text: str) -> str:
+    """An `--image`: a URL (http, https, data) as given; a local file as a data: URI of its bytes."""
+    if text.partition(":")[0].lower() in ("http", "https", "data"):
+        return text
+    path = Path(text).expanduser()
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{content_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
 def generate(settings: Settings, registry: Registry, body: dict[str, Any], output: Path) -> int:
+    with tempfile.TemporaryDirectory(prefix="flux2-references-") as folder:
+        return _generate(settings, registry, body, output, Path(folder))
+
+
+def _generate(
+    settings: Settings, registry: Registry, body: dict[str, Any], output: Path, folder: Path
+) -> int:
     from tqdm import tqdm
 
     from pipeline.worker import load_generator, run_job
 
+    schema = Flux2LoraEditInput if body.get("image_urls") else Flux2LoraInput
     try:
-        request = Flux2LoraInput.model_validate(body)
+        request = schema.model_validate(body)
     except ValidationError as exc:
         for error in validation_errors(exc):
             print(f"flux2-server: {'.'.join(map(str, error['loc'][1:]))}: {error['msg']}", file=sys.stderr)
         return 2
     params, requested = request.to_params(), request.lora_requests()
     try:
-        fetched = asyncio.run(_fetch([lora.path for lora in requested], settings)) if requested else []
+        fetched, references = asyncio.run(
+            _fetch([lora.path for lora in requested], request.reference_urls(), settings, folder)
+        )
     except LoraSourceError as exc:
         print(f"flux2-server: {exc.message}", file=sys.stderr)
+        return 2
+    except ReferenceImageError as exc:
+        print(f"flux2-server: --image {exc.message}", file=sys.stderr)
         return 2
     loras = resolved(requested, fetched)
     # One image: compile only when its preset runs compiled, and warm nothing up front (it would compile
@@ -59,9 +88,8 @@ def generate(settings: Settings, registry: Registry, body: dict[str, Any], outpu
     generator, ready = load_generator(config)
     print(f"model {ready.model} on {ready.device}, seed {params.seed}", file=sys.stderr)
     with tqdm(total=params.num_inference_steps, unit="step", desc="generating") as bar:
-        result = run_job(
-            generator, Job("cli", params, loras), lambda step, total: bar.update(step - bar.n), lambda: False
-        )
+        job = Job("cli", params, loras, tuple(str(path) for path in references))
+        result = run_job(generator, job, lambda step, total: bar.update(step - bar.n), lambda: False)
     if isinstance(result, JobFailed):
         print(f"flux2-server: {result.message}", file=sys.stderr)
         return 2
@@ -73,12 +101,22 @@ def generate(settings: Settings, registry: Registry, body: dict[str, Any], outpu
     return 0
 
 
-async def _fetch(paths: list[str], settings: Settings) -> list[LocalLora]:
+async def _fetch(
+    paths: list[str], references: tuple[str, ...], settings: Settings, folder: Path
+) -> tuple[list[LocalLora], list[Path]]:
+    """The LoRAs into the server's cache; the references decoded into `folder`, as the server would."""
     fetcher = LoraFetcher(settings.lora_policy())
+    database = Database(sqlite_url(folder / "files.sqlite"))
     try:
-        return await fetcher.fetch_all(paths)
+        loras = await fetcher.fetch_all(paths) if paths else []
+        if not references:
+            return loras, []
+        database.migrate()
+        images = ReferenceFetcher(settings.reference_policy(), fetcher.downloads, FileStore(folder, database))
+        return loras, await images.fetch_all(references, None, ())
     finally:
         await fetcher.aclose()
+        database.close()
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:

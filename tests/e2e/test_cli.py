@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import subprocess
@@ -66,6 +67,24 @@ def test_generate_equals_the_servers_image(tmp_path: Path, cache_dir: Path, live
     assert np.array_equal(np.asarray(Image.open(out)), server_pixels)
 
 
+def test_generate_with_an_image_equals_the_servers_edit(
+    tmp_path: Path, cache_dir: Path, live_server: LiveServer
+) -> None:
+    photo = tmp_path / "photo.jpg"
+    gradient = np.linspace(0, 255, 300 * 200 * 3).reshape(200, 300, 3).astype(np.uint8)
+    Image.fromarray(gradient).save(photo)
+    out = tmp_path / "edited.png"
+    options = ["--image", str(photo), "--steps", "4", "--seed", "9", "-o", str(out), "--model", "tiny"]
+    run = cli("generate", "make it night", *options, cache_dir=cache_dir)
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (288, 192)  # the photo's size, floored to multiples of 16
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode()
+    body = {"prompt": "make it night", "image_urls": [data_uri], "num_inference_steps": 4, "seed": 9}
+    served = httpx.post(f"{live_server.url}/fal-ai/flux-2/edit", json=body, timeout=60).json()
+    server_pixels = np.asarray(Image.open(io.BytesIO(httpx.get(served["images"][0]["url"]).content)))
+    assert np.array_equal(np.asarray(Image.open(out)), server_pixels)
+
+
 def test_generate_with_a_lora_and_several_images(tmp_path: Path, cache_dir: Path) -> None:
     from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
@@ -89,6 +108,8 @@ def test_generate_with_a_lora_and_several_images(tmp_path: Path, cache_dir: Path
     [
         (("--steps", "99"), "num_inference_steps: Input should be less than or equal to 50"),
         (("--lora", "/etc/x.ckpt"), "pickle"),
+        (("--image", "/no/such/photo.png"), "--image /no/such/photo.png: No such file or directory"),
+        (("--image", "/etc/hostname"), "--image image 0: not an image this server can read"),
     ],
 )
 def test_generate_refuses_bad_input(cache_dir: Path, args: tuple[str, ...], message: str) -> None:

@@ -57,9 +57,13 @@ def load(cache_dir: Path, compile_blocks: bool) -> ImageGenerator:
 
 
 def draw(
-    generator: ImageGenerator, params: GenerationParams, loras: tuple[ResolvedLora, ...] = ()
+    generator: ImageGenerator,
+    params: GenerationParams,
+    loras: tuple[ResolvedLora, ...] = (),
+    references: tuple[str, ...] = (),
 ) -> list[np.ndarray]:
-    result = generator.generate(Job("acceleration", params, loras), lambda step, total: None, lambda: False)
+    job = Job("acceleration", params, loras, references)
+    result = generator.generate(job, lambda step, total: None, lambda: False)
     return [np.asarray(Image.open(io.BytesIO(image.data)), dtype=np.int16) for image in result.images]
 
 
@@ -84,6 +88,19 @@ def lora(eager: ImageGenerator, tmp_path_factory: pytest.TempPathFactory) -> Res
     shapes = linear_shapes(eager.pipe.transformer)
     path = write_lora(tmp_path_factory.mktemp("lora") / "all.safetensors", shapes, list(shapes), 4, seed=1)
     return ResolvedLora(file=str(path), sha256="lora-all", scale=0.8, source="all.safetensors")
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
+    """Reference images as the HTTP side hands them over (RGB PNGs), of four sizes."""
+    folder = tmp_path_factory.mktemp("references")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (width, height) in enumerate(((512, 512), (384, 640), (256, 256), (700, 300))):
+        pixels = rng.integers(0, 256, (height // 32, width // 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((width, height)).save(folder / f"{i}.png")
+        paths.append(str(folder / f"{i}.png"))
+    return tuple(paths)
 
 
 @pytest.fixture
@@ -134,26 +151,36 @@ def test_unknown_preset_is_refused(eager: ImageGenerator) -> None:
     assert refused.value.loc == ("acceleration",)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_compiled_presets_never_recompile(
-    compiled: tuple[ImageGenerator, int], eager: ImageGenerator, lora: ResolvedLora
+    compiled: tuple[ImageGenerator, int],
+    eager: ImageGenerator,
+    lora: ResolvedLora,
+    references: tuple[str, ...],
 ) -> None:
     generator, graphs = compiled
     assert generator.accelerator.compiled and graphs >= 2  # the blocks really run compiled
+    edit = replace(PARAMS, width=None, height=None, num_inference_steps=4)
     runs = [
-        (PARAMS, ()),
-        (replace(PARAMS, acceleration="high"), (lora,)),
-        (replace(PARAMS, acceleration="none", width=768), ()),
-        (replace(PARAMS, num_images=3), (lora,)),
-        (replace(PARAMS, acceleration="high", width=640, height=384), ()),  # not a warmed-up size
-        (replace(PARAMS, acceleration="none"), (lora,)),
-        (replace(PARAMS, acceleration="high"), ()),
-        (PARAMS, ()),
+        (PARAMS, (), ()),
+        (replace(PARAMS, acceleration="high"), (lora,), ()),
+        (replace(PARAMS, acceleration="none", width=768), (), ()),
+        (replace(PARAMS, num_images=3), (lora,), ()),
+        (replace(PARAMS, acceleration="high", width=640, height=384), (), ()),  # not a warmed-up size
+        (replace(PARAMS, acceleration="none"), (lora,), ()),
+        # Edits: 1 to 4 references of other sizes, output sizes from the first reference or given.
+        (edit, (), references[:1]),
+        (replace(edit, width=640, height=384), (lora,), references[:2]),
+        (replace(edit, acceleration="high", num_inference_steps=12), (), references[1:4]),
+        (replace(edit, num_images=2), (lora,), references),
+        (replace(edit, acceleration="none"), (lora,), references[2:3]),
+        (replace(PARAMS, acceleration="high"), (), ()),
+        (PARAMS, (), ()),
     ]
     with torch._dynamo.config.patch(error_on_recompile=True):  # any guard failure raises
-        for params, loras in runs:
-            images = draw(generator, params, loras)
-            reference = draw(eager, params, loras)
+        for params, loras, images_in in runs:
+            images = draw(generator, params, loras, images_in)
+            reference = draw(eager, params, loras, images_in)
             for image, expected in zip(images, reference, strict=True):
                 if params.acceleration == "none":  # the same modules run eagerly: the same bits
                     assert np.array_equal(image, expected), params
