@@ -3,6 +3,7 @@
 "use strict";
 
 const APP = "fal-ai/flux-2/lora";
+const EDIT_APP = "fal-ai/flux-2/lora/edit"; // with reference images
 const MAX_LORAS = 3;
 const STEP_RE = /^step (\d+)\/(\d+)$/;
 const KEY_STORAGE = "flux2-playground-api-key"; // sessionStorage: kept across reloads, not past the tab
@@ -21,6 +22,8 @@ const ui = {
   loras: $("loras"),
   addLora: $("add-lora"),
   loraTemplate: $("lora-row-template"),
+  references: $("references"),
+  referenceList: $("reference-list"),
   imageSize: $("image-size"),
   customSize: $("custom-size"),
   width: $("width"),
@@ -54,6 +57,8 @@ const ui = {
 let current = null;
 // Object URLs of the images shown (fetched with the key), revoked when the next run starts.
 let objectUrls = [];
+// The reference images picked (File objects), with their thumbnails' object URLs.
+let references = [];
 
 // ---- The API key -----------------------------------------------------------------------------------
 
@@ -135,9 +140,10 @@ function numberOf(input) {
   return input.value.trim() === "" ? null : Number(input.value);
 }
 
-function buildInput() {
+function buildInput(imageUrls = []) {
   const input = {
     prompt: ui.prompt.value,
+    ...(imageUrls.length ? { image_urls: imageUrls } : {}),
     image_size:
       ui.imageSize.value === "custom"
         ? { width: numberOf(ui.width), height: numberOf(ui.height) }
@@ -152,6 +158,7 @@ function buildInput() {
       scale: numberOf(row.querySelector(".lora-scale")),
     })),
   };
+  if (input.image_size === "auto") delete input.image_size; // an edit takes its first reference's size
   let json = JSON.stringify(input);
   // Seeds go up to 2^64-1, beyond a JavaScript number's exact range: splice the digits in verbatim.
   const seed = ui.seed.value.trim();
@@ -196,6 +203,7 @@ function clearFieldMarks() {
 // The form control a 422's `loc` points at, if there is one.
 function fieldFor(loc) {
   const [field, index, sub] = loc;
+  if (field === "image_urls") return ui.references;
   if (field === "loras" && typeof index === "number") {
     return $(sub === "scale" ? `lora-scale-${index}` : `lora-path-${index}`);
   }
@@ -438,17 +446,77 @@ async function follow(run) {
   }
 }
 
+// Uploads a reference image the way fal's JS client does: initiate, then PUT the bytes to the URL the
+// server gave (which needs no key); resolves to the file's URL, for `image_urls`.
+async function upload(file, key) {
+  const started = await fetch("/storage/upload/initiate?storage_type=fal-cdn-v3", {
+    method: "POST",
+    headers: headers(key, { "Content-Type": "application/json", Accept: "application/json" }),
+    body: JSON.stringify({ content_type: file.type || "application/octet-stream", file_name: file.name }),
+  });
+  const answer = await readBody(started);
+  if (!started.ok) throw Object.assign(new Error(errorLines(started.status, answer.body).join(" ")), { status: started.status });
+  const put = await fetch(answer.body.upload_url, {
+    method: "PUT",
+    headers: { "Content-Type": file.type || "application/octet-stream" },
+    body: file,
+  });
+  if (!put.ok) {
+    const failed = await readBody(put);
+    throw Object.assign(new Error(errorLines(put.status, failed.body).join(" ")), { status: put.status });
+  }
+  return answer.body.file_url;
+}
+
+function showReferences() {
+  ui.referenceList.replaceChildren();
+  references.forEach((reference, i) => {
+    const item = document.createElement("li");
+    const img = document.createElement("img");
+    img.src = reference.preview;
+    img.alt = `Reference ${i + 1}: ${reference.file.name}`;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "link";
+    remove.id = `remove-reference-${i}`;
+    remove.textContent = "remove";
+    remove.addEventListener("click", () => {
+      URL.revokeObjectURL(reference.preview);
+      references.splice(i, 1);
+      showReferences();
+    });
+    item.append(img, remove);
+    ui.referenceList.appendChild(item);
+  });
+  // Without an explicit size, an edit takes its first reference's; text-to-image needs a size.
+  const auto = ui.imageSize.querySelector('option[value="auto"]');
+  auto.hidden = references.length === 0;
+  if (references.length && ui.imageSize.value === "landscape_4_3") ui.imageSize.value = "auto";
+  if (!references.length && ui.imageSize.value === "auto") ui.imageSize.value = "landscape_4_3";
+}
+
 async function submit(event) {
   event.preventDefault();
   if (current) return;
   resetOutput();
   let response;
-  const body = buildInput();
   const key = apiKey();
   setBusy(true);
+  let imageUrls = [];
+  if (references.length) {
+    setStatus(`Uploading ${references.length} reference image${references.length > 1 ? "s" : ""}…`);
+    try {
+      imageUrls = await Promise.all(references.map((reference) => upload(reference.file, key)));
+    } catch (err) {
+      ui.references.setAttribute("aria-invalid", "true");
+      return fail(err.status, key, "Uploading a reference image failed", [err.message]);
+    }
+  }
+  const body = buildInput(imageUrls);
+  const app = imageUrls.length ? EDIT_APP : APP;
   setStatus("Submitting…");
   try {
-    response = await fetch(`/queue/${APP}`, {
+    response = await fetch(`/queue/${app}`, {
       method: "POST",
       headers: headers(key, { "Content-Type": "application/json", Accept: "application/json" }),
       body,
@@ -488,6 +556,12 @@ async function cancel() {
 ui.addLora.addEventListener("click", () => {
   const row = addLora();
   if (row) row.querySelector(".lora-path").focus();
+});
+ui.references.addEventListener("change", () => {
+  for (const file of ui.references.files) references.push({ file, preview: URL.createObjectURL(file) });
+  ui.references.value = ""; // the same file may be picked again
+  ui.references.removeAttribute("aria-invalid");
+  showReferences();
 });
 ui.imageSize.addEventListener("change", () => {
   ui.customSize.hidden = ui.imageSize.value !== "custom";

@@ -153,6 +153,26 @@ def test_generate_an_image(page: Page, tmp_path: Path) -> None:
     assert screenshot.is_file() and screenshot.stat().st_size > 0
 
 
+def test_edit_with_a_reference_image(page: Page, tmp_path: Path, live_server: LiveServer) -> None:
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (200, 150), (30, 120, 200)).save(photo)
+    page.fill("#prompt", "make it red")
+    page.fill("#steps", "4")
+    page.set_input_files("#references", str(photo))
+    page.wait_for_selector("#remove-reference-0")
+    assert page.input_value("#image-size") == "auto"  # an edit takes the reference's size by default
+    sent = submitted_input(page)
+    assert "image_size" not in sent
+    (url,) = sent["image_urls"]
+    assert url.startswith(f"{live_server.url}/files/")  # uploaded first, as fal's JS client does
+    assert first_image_size(page) == [192, 144]  # 200x150 floored to multiples of 16
+    page.click("#remove-reference-0")  # back to text-to-image, with a size again
+    assert page.input_value("#image-size") == "landscape_4_3"
+    assert page.query_selector_all("#reference-list li") == []
+
+
 def test_a_lora_that_cannot_be_fetched_names_its_field(page: Page) -> None:
     page.fill("#prompt", "a red bicycle")
     page.select_option("#image-size", "square")
