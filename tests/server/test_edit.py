@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,10 +65,9 @@ def test_references_reach_the_worker_decoded_and_scaled_and_go_when_done(
 
 def test_the_worker_gets_at_most_a_megapixel(held: Harness) -> None:
     held.client.post("/queue/fal-ai/flux-2/edit", json=edit(image_urls=[data_uri(2000, 1500, "JPEG")]))
-    deadline_polls = 200
-    while not held.worker.submitted and deadline_polls:
-        held.client.get("/health")
-        deadline_polls -= 1
+    deadline = time.monotonic() + 30
+    while not held.worker.submitted and time.monotonic() < deadline:  # fetched and decoded in the stage
+        time.sleep(0.02)
     (job,) = held.worker.submitted
     with Image.open(job.images[0]) as stored:
         assert stored.mode == "RGB" and stored.size == (1182, 886)  # sqrt(2^20 / 3 MP) scale, truncated
@@ -144,3 +144,32 @@ def test_a_queued_edit_that_fails_to_fetch_completes_with_the_422(harness: Harne
     assert status["error_type"] == "value_error"
     result = harness.client.get(submitted["response_url"])
     assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "image_urls", 0]
+
+
+def test_a_queued_edit_survives_a_restart_and_fetches_its_references_again(tmp_path: Path) -> None:
+    first = _harness(tmp_path, hold=True)
+    h = next(first)
+    h.client.post("/queue/fal-ai/flux-2", json={"prompt": "ahead", "num_inference_steps": 4})
+    queued = h.client.post("/queue/fal-ai/flux-2/edit", json=edit(image_urls=[data_uri(160, 96)])).json()
+    first.close()  # the server goes away with the edit still queued (fetched, not started)
+
+    for h in _harness(tmp_path, hold=False):
+        result = h.client.get(queued["response_url"])
+        assert result.status_code == 200, result.text
+        assert (result.json()["images"][0]["width"], result.json()["images"][0]["height"]) == (160, 96)
+        (job,) = [job for job in h.worker.submitted if job.request_id == queued["request_id"]]
+        assert len(job.images) == 1
+
+
+def test_a_reference_that_drips_is_a_422_and_holds_nothing_else(
+    tmp_path: Path, lora_server: LoraServer
+) -> None:
+    slow = lora_server.serve("/slow.png", Route(b"\x89PNG" + b"\0" * 4000, drip=0.05))
+    settings = {"allow_private_lora_urls": True, "download_rate_window_seconds": 0.5}
+    for h in _harness(tmp_path, hold=False, download_min_bytes_per_second=1000, **settings):
+        submitted = h.client.post("/queue/fal-ai/flux-2/edit", json=edit(image_urls=[slow])).json()
+        other = h.client.post("/fal-ai/flux-2", json={"prompt": "meanwhile", "num_inference_steps": 4})
+        assert other.status_code == 200  # the GPU's queue is not held by the download
+        wait_completed(h, submitted["status_url"], timeout=10)
+        (error,) = h.client.get(submitted["response_url"]).json()["detail"]
+        assert error["loc"] == ["body", "image_urls", 0] and "under the minimum" in error["msg"]
