@@ -18,12 +18,14 @@ from pipeline.images import encode_image
 from pipeline.lora_cache import LoraMemoryCache
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
+from pipeline.lycoris import LycorisPolicy
 from pipeline.messages import GenerationParams, Job, JobSucceeded, ResolvedLora
 from pipeline.prompt_cache import PromptEmbeddingCache
 from pipeline.safety import SafetyChecker
 
 StepCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
+NoteCallback = Callable[[str], None]
 
 MAX_SEQUENCE_LENGTH = 512  # Flux2Pipeline's defaults, named so the prompt cache can key on them
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
@@ -87,6 +89,7 @@ class ImageGenerator:
         safety: SafetyChecker,
         prompt_cache: PromptEmbeddingCache | None = None,
         accelerator: Accelerator | None = None,
+        lycoris_truncate: bool = False,
     ) -> None:
         self.pipe = pipe
         self.accelerator = accelerator or Accelerator(pipe.transformer)
@@ -94,6 +97,7 @@ class ImageGenerator:
         self.slots = slots
         self.lora_cache = lora_cache
         self.safety = safety
+        self.lycoris = LycorisPolicy(slots.max_rank, lycoris_truncate)
         self.last_lora_switch_seconds = 0.0
 
     def expand_prompt(self, prompt: str, seed: int, images: Sequence[Image.Image] = ()) -> str:
@@ -135,8 +139,9 @@ class ImageGenerator:
 
         return self.prompt_cache.get(key, encode)
 
-    def apply_loras(self, loras: tuple[ResolvedLora, ...]) -> None:
-        """Puts the request's LoRAs into the slots (and empties the others); a refusal changes no slot."""
+    def apply_loras(self, loras: tuple[ResolvedLora, ...]) -> list[str]:
+        """Puts the request's LoRAs into the slots (and empties the others); a refusal changes no slot.
+        Returns what reading them changed that the user should know."""
         started = time.perf_counter()
         try:
             parsed = [(self._parsed(index, lora), lora.scale) for index, lora in enumerate(loras)]
@@ -145,11 +150,14 @@ class ImageGenerator:
         except LoraFitError as exc:
             loc: tuple[str | int, ...] = ("loras",) if exc.index is None else ("loras", exc.index, "path")
             raise InvalidInput(str(exc), loc=loc) from exc
+        return [
+            f"LoRA {i} ({lora.name}): {note}" for i, (lora, _) in enumerate(parsed) for note in lora.notes
+        ]
 
     def _parsed(self, index: int, lora: ResolvedLora) -> ParsedLora:
         try:
             return self.lora_cache.get(
-                lora.sha256, lambda: _pinned(read_lora_file(Path(lora.file), lora.source))
+                lora.sha256, lambda: _pinned(read_lora_file(Path(lora.file), lora.source, self.lycoris))
             )
         except LoraFitError as exc:
             exc.index = index
@@ -174,8 +182,15 @@ class ImageGenerator:
                     output_type="latent",
                 )
 
-    def generate(self, job: Job, on_step: StepCallback, cancelled: CancelCheck) -> JobSucceeded:
-        self.apply_loras(job.loras)
+    def generate(
+        self,
+        job: Job,
+        on_step: StepCallback,
+        cancelled: CancelCheck,
+        on_note: NoteCallback = lambda note: None,
+    ) -> JobSucceeded:
+        for note in self.apply_loras(job.loras):
+            on_note(note)
         references = [open_reference(path) for path in job.images]
         params = job.params
         if params.enable_prompt_expansion:

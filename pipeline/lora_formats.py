@@ -7,7 +7,17 @@ Layouts, told apart by their keys:
 - Kohya / Musubi: `lora_unet_<bfl_module_with_underscores>.lora_down/lora_up.weight` + `.alpha`;
 - ai-toolkit / BFL original names: `diffusion_model.double_blocks.N.img_attn.qkv.lora_A.weight`, + `.alpha`
   (also peft's `base_model.model.` prefix, which diffusers treats the same way);
-- fal's FLUX.2 trainer: `diffusion_model.` + diffusers block names, BFL names such as `guidance_in` elsewhere.
+- fal's FLUX.2 trainer: `diffusion_model.` + diffusers block names, BFL names such as `guidance_in` elsewhere;
+- DiffSynth-Studio: bare diffusers names with peft's adapter name kept (`...to_q.lora_A.default.weight`);
+- bare BFL names, no prefix at all (`double_blocks.0.img_attn.qkv.lora_A.weight`), as conversion scripts
+  write them;
+- LyCORIS LoKr and LoHa (`<module>.lokr_w1`, `.hada_w1_a`, ..., in any of the namings above, or
+  SimpleTuner's `lycoris_transformer_blocks_0_ff_linear_in`), turned into exact LoRA factors first
+  (`lycoris.py`).
+
+Each key is read in its own layout, so one file may mix them (the FLUX.2 [dev] Turbo LoRA's conversions put
+the blocks under `transformer.` and the guidance embedder under `diffusion_model.` with BFL names), as long
+as no two keys land on the same module.
 
 diffusers' own converters do the renaming and the splitting of fused BFL projections (qkv -> to_q/to_k/to_v
 with lora_A shared and lora_B split by rows). Where they fail or silently lose weights (diffusers 0.42.1), a
@@ -28,14 +38,17 @@ import safetensors
 import safetensors.torch
 import torch
 from diffusers.loaders.lora_conversion_utils import (
+    _LYCORIS_FLUX2_SUBPATH_MAP,
     _convert_kohya_flux2_lora_to_diffusers,
     _convert_non_diffusers_flux2_lora_to_diffusers,
 )
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 from pipeline.lora_slots import LoraFitError, ParsedLora
+from pipeline.lycoris import LycorisPolicy, is_lycoris_key, lycoris_as_lora
 
 _PREFIX = "transformer."
 _BFL_PREFIX = "diffusion_model."
@@ -71,9 +84,19 @@ _BFL_TOP_LEVEL = (
 )
 _BFL_FINAL_MODULATION = _BFL_PREFIX + "final_layer.adaLN_modulation.1.lora_B.weight"
 
+# Names written without any prefix: BFL's blocks and top-level modules, read as `diffusion_model.` ones.
+_BARE_BFL = re.compile(
+    r"^(?:double_blocks|single_blocks|img_in|txt_in|time_in|guidance_in|final_layer"
+    r"|double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\."
+)
+# peft's adapter name left in a key (DiffSynth-Studio): `.lora_A.default.weight` is `.lora_A.weight`.
+_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up)\.(?!weight$)[\w-]+\.weight$")
+
 # Key-level signatures of files that are not plain FLUX.2 LoRAs, checked in this order.
 _DORA = re.compile(r"dora_scale|lora_magnitude_vector")
-_LYCORIS = re.compile(r"\.(?:lokr|hada|oft|boft)_|^lycoris_|\.lora_mid\.|\.diff(?:_b)?$|\.lora_[AB]\.bias$")
+_LYCORIS = re.compile(r"\.(?:oft|boft)_|\.lora_mid\.|\.diff(?:_b)?$|\.lora_[AB]\.bias$")
+# SimpleTuner's LyCORIS names: diffusers module paths with underscores, under `lycoris_`.
+_LYCORIS_NAME = re.compile(r"^lycoris_((?:single_)?transformer_blocks)_(\d+)_(\w+?)\.([\w.]+)$")
 _SD_UNET = re.compile(
     r"(?:^|[._])(?:down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d*"
 )
@@ -92,27 +115,95 @@ class _Layout(Enum):
     BFL = "ai-toolkit/BFL"
 
 
-def read_lora_file(path: Path, name: str | None = None) -> ParsedLora:
+def read_lora_file(path: Path, name: str | None = None, lycoris: LycorisPolicy | None = None) -> ParsedLora:
     """Reads a .safetensors LoRA of any supported layout into diffusers/peft form with per-module alphas.
 
     The header is read first (cheap, and it never unpickles anything), so foreign and broken files are refused
-    before any weights are loaded; the weights are then read with safetensors only.
+    before any weights are loaded; the weights are then read with safetensors only. `lycoris` says how LoKr
+    and LoHa deltas too large for the slots are treated (by default none is).
     """
     label = name or path.name
     if not path.is_file():  # else diffusers would take the path for a Hub repo id and go online
         raise FileNotFoundError(f"LoRA {label!r}: no file at {path}")
-    keys = _read_keys(path, label)
-    layout = _detect_layout(label, keys)
-    if layout is _Layout.DIFFUSERS:
-        state_dict = _read_diffusers(path, label)
+    header_keys = _read_keys(path, label)
+    keys, notes = _without_text_encoder(header_keys)
+    loaded: dict[str, torch.Tensor] | None = None
+    if any(is_lycoris_key(key) for key in keys):
+        _refuse_foreign(label, keys)
+        named = {_lycoris_module_name(key): tensor for key, tensor in _load_kept(path, label, keys).items()}
+        loaded, truncations = lycoris_as_lora(label, named, lycoris or LycorisPolicy(max_rank=2**31))
+        notes += truncations
+        keys = list(loaded)
+    canonical = {key: _canonical_key(key) for key in keys}
+    layouts = _group_by_layout(label, list(canonical.values()))
+    what = " + ".join(layout.value for layout in layouts)
+    untouched = loaded is None and len(keys) == len(header_keys) and all(k == v for k, v in canonical.items())
+    if untouched and list(layouts) == [_Layout.DIFFUSERS]:
+        state_dict = _read_diffusers(path, label)  # exactly as diffusers reads it
     else:
-        weights = _load_weights(path, label)
-        state_dict = _from_kohya(label, weights) if layout is _Layout.KOHYA else _from_bfl(label, weights)
-    _check_converted(label, layout, state_dict)
+        loaded = _load_kept(path, label, keys) if loaded is None else loaded
+        weights = {canonical[key]: tensor for key, tensor in loaded.items()}
+        state_dict = {}
+        for layout, layout_keys in layouts.items():
+            part = {key: weights[key] for key in layout_keys}
+            if layout is _Layout.KOHYA:
+                converted = _from_kohya(label, part, notes)
+            elif layout is _Layout.BFL:
+                converted = _from_bfl(label, part)
+            else:
+                converted = _diffusers_named(label, part, _header_fields(path))
+            _refuse_collisions(label, state_dict, converted, what)
+            state_dict.update(converted)
+    _check_converted(label, what, state_dict)
     for key, tensor in state_dict.items():  # once here, not on every application of a cached LoRA
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoraFitError(f"LoRA {label!r}: {key} contains NaN or infinite values")
-    return ParsedLora(name=label, state_dict=state_dict, finite=True)
+    return ParsedLora(name=label, state_dict=state_dict, finite=True, notes=tuple(notes))
+
+
+def _without_text_encoder(keys: list[str]) -> tuple[list[str], list[str]]:
+    """A file that also adapts a text encoder: its transformer keys, and a note of what was dropped (the
+    text encoder is shared by every request, so it is never adapted). A file of text-encoder keys only is
+    left whole, to be refused as a LoRA for another model."""
+    dropped = [key for key in keys if _TEXT_ENCODER.search(key)]
+    if not dropped or len(dropped) == len(keys):
+        return keys, []
+    note = f"ignored {len(dropped)} text-encoder keys (only the transformer is adapted): {_examples(dropped)}"
+    return [key for key in keys if key not in set(dropped)], [note]
+
+
+def _load_kept(path: Path, label: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    kept = set(keys)
+    return {key: tensor for key, tensor in _load_weights(path, label).items() if key in kept}
+
+
+def _lycoris_module_name(key: str) -> str:
+    """SimpleTuner's `lycoris_transformer_blocks_0_ff_linear_in.lokr_w1` as `transformer.` + the diffusers
+    module (through diffusers' own table of FLUX.2's block sub-paths); other keys as they are."""
+    match = _LYCORIS_NAME.match(key)
+    if match is None:
+        return key
+    blocks, index, sub_path, factor = match.groups()
+    module = _LYCORIS_FLUX2_SUBPATH_MAP.get(sub_path)
+    return f"{_PREFIX}{blocks}.{index}.{module}.{factor}" if module else key
+
+
+def _canonical_key(key: str) -> str:
+    """The key with a DiffSynth adapter name dropped and bare BFL names given their `diffusion_model.`."""
+    key = _ADAPTER_NAME.sub(r".\1.weight", key)
+    return _BFL_PREFIX + key if _BARE_BFL.match(key) else key
+
+
+def _refuse_collisions(
+    label: str, done: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Two layouts in one file that set the same module would silently overwrite one another."""
+    both = sorted({k.rsplit(".", 2)[0] for k in set(done) & set(converted)})
+    if both:
+        raise LoraFitError(
+            f"LoRA {label!r} mixes key layouts ({what}) that both adapt {_examples(both)}; it cannot be read"
+            " safely"
+        )
 
 
 def _read_keys(path: Path, label: str) -> list[str]:
@@ -149,8 +240,9 @@ def _load_weights(path: Path, label: str) -> dict[str, torch.Tensor]:
         raise LoraFitError(f"LoRA {label!r}: {_describe_unreadable(path)} ({error})") from error
 
 
-def _detect_layout(label: str, keys: list[str]) -> _Layout:
-    """Classifies the file by its keys; refuses other models, DoRA, LyCORIS and mixed layouts, saying why."""
+def _group_by_layout(label: str, keys: list[str]) -> dict[_Layout, list[str]]:
+    """The (canonical) keys by layout; refuses other models, DoRA, LyCORIS and keys of no layout, saying
+    why."""
     _refuse_foreign(label, keys)
     layouts: dict[_Layout, list[str]] = {}
     unknown: list[str] = []
@@ -169,13 +261,10 @@ def _detect_layout(label: str, keys: list[str]) -> _Layout:
             " `transformer.`, Kohya `lora_unet_`, ai-toolkit/BFL `diffusion_model.`): a LoRA for another"
             " model?"
         )
-    if len(layouts) > 1:
-        mixed = "; ".join(f"{layout.value}: {_examples(found)}" for layout, found in layouts.items())
-        raise LoraFitError(f"LoRA {label!r} mixes key layouts ({mixed}); it cannot be read safely")
-    (layout,) = layouts
-    if layout is _Layout.KOHYA and not any(k.endswith(".lora_down.weight") for k in keys):
+    kohya = layouts.get(_Layout.KOHYA, [])
+    if kohya and not any(k.endswith(".lora_down.weight") for k in kohya):
         raise LoraFitError(f"LoRA {label!r}: `lora_unet_` keys without `lora_down/lora_up` weights")
-    return layout
+    return layouts
 
 
 def _refuse_foreign(label: str, keys: list[str]) -> None:
@@ -220,13 +309,28 @@ def _read_diffusers(path: Path, label: str) -> dict[str, torch.Tensor]:
         )
     except (ValueError, KeyError, TypeError, OSError, safetensors.SafetensorError) as error:
         raise LoraFitError(f"LoRA {label!r}: not a readable FLUX.2 LoRA file ({error})") from error
-    converted = _add_transformer_prefix(dict(state_dict))
-    if metadata:
-        # Header keys are packed with the component prefix, e.g. "transformer.lora_alpha".
-        fields = {k.removeprefix(_PREFIX): v for k, v in metadata.items() if k.startswith(_PREFIX)}
-        if fields:
-            converted.update(_alphas_from_metadata(label, converted, fields))
+    return _diffusers_named(label, dict(state_dict), _fields(metadata or {}))
+
+
+def _diffusers_named(
+    label: str, weights: Mapping[str, torch.Tensor], fields: dict[str, object]
+) -> dict[str, torch.Tensor]:
+    """The diffusers-named keys of a file diffusers itself would not read whole (DiffSynth adapter names,
+    or next to keys of another layout): prefixed, with the header's alphas, as `_read_diffusers` does."""
+    converted = _add_transformer_prefix(weights)
+    if fields:
+        converted.update(_alphas_from_metadata(label, converted, fields))
     return converted
+
+
+def _header_fields(path: Path) -> dict[str, object]:
+    """The adapter config diffusers writes into the safetensors header, by field (`lora_alpha`, ...)."""
+    return _fields(_load_sft_state_dict_metadata(str(path)) or {})
+
+
+def _fields(metadata: Mapping[str, object]) -> dict[str, object]:
+    # Header keys are packed with the component prefix, e.g. "transformer.lora_alpha".
+    return {k.removeprefix(_PREFIX): v for k, v in metadata.items() if k.startswith(_PREFIX)}
 
 
 def _add_transformer_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -261,7 +365,7 @@ def _alphas_from_metadata(
     return alphas
 
 
-def _from_kohya(label: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _from_kohya(label: str, weights: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
     """Kohya/Musubi through diffusers' Kohya converter (it folds alpha/rank into the weights); the modules
     it does not know go through the BFL path instead of being dropped."""
     remaining = _alphas_to_float32(weights)
@@ -270,7 +374,7 @@ def _from_kohya(label: str, weights: dict[str, torch.Tensor]) -> dict[str, torch
         converted: dict[str, torch.Tensor] = _convert_kohya_flux2_lora_to_diffusers(remaining)  # type: ignore[no-untyped-call]
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
         raise LoraFitError(f"LoRA {label!r}: not a readable Kohya FLUX.2 LoRA ({error})") from error
-    leftovers = _kohya_leftovers_to_bfl(label, remaining)
+    leftovers = _kohya_leftovers_to_bfl(label, remaining, notes)
     if leftovers:
         converted.update(_from_bfl(label, leftovers))
     return converted
@@ -282,7 +386,9 @@ def _alphas_to_float32(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v.float() if k.endswith(".alpha") else v for k, v in weights.items()}
 
 
-def _kohya_leftovers_to_bfl(label: str, remaining: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _kohya_leftovers_to_bfl(
+    label: str, remaining: Mapping[str, torch.Tensor], notes: list[str]
+) -> dict[str, torch.Tensor]:
     """diffusers' Kohya converter ignores `guidance_in`, `final_layer.adaLN_modulation.1` and the shared
     modulation layers, logging only a warning: the LoRA would load with those weights silently missing.
     They are renamed to their BFL names here; anything else left over is refused."""
@@ -294,6 +400,7 @@ def _kohya_leftovers_to_bfl(label: str, remaining: Mapping[str, torch.Tensor]) -
     }
     renamed: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
+    idle_alphas: list[str] = []
     for key, tensor in remaining.items():
         for suffix, new_suffix in suffixes.items():
             module = key.removesuffix(suffix)
@@ -301,8 +408,9 @@ def _kohya_leftovers_to_bfl(label: str, remaining: Mapping[str, torch.Tensor]) -
                 renamed[_BFL_PREFIX + kohya_names[module] + new_suffix] = tensor
                 break
         else:
-            if not key.endswith(".alpha"):  # an alpha without weights scales nothing
-                unknown.append(key)
+            (idle_alphas if key.endswith(".alpha") else unknown).append(key)
+    if idle_alphas:  # an alpha without weights scales nothing
+        notes.append(f"ignored {len(idle_alphas)} alpha keys without weights: {_examples(idle_alphas)}")
     if unknown:
         raise LoraFitError(
             f"LoRA {label!r}: Kohya keys for modules FLUX.2 does not have: {_examples(unknown)}"
@@ -409,13 +517,13 @@ def _final_modulation_to_diffusers_order(weights: Mapping[str, torch.Tensor]) ->
     return converted
 
 
-def _check_converted(label: str, layout: _Layout, state_dict: Mapping[str, torch.Tensor]) -> None:
+def _check_converted(label: str, what: str, state_dict: Mapping[str, torch.Tensor]) -> None:
     """The converters must leave only diffusers LoRA keys; an empty result means nothing was recognised."""
     if not any(k.endswith(".lora_A.weight") for k in state_dict):
-        raise LoraFitError(f"LoRA {label!r}: no LoRA weights found in this {layout.value} file")
+        raise LoraFitError(f"LoRA {label!r}: no LoRA weights found in this {what} file")
     odd = [k for k in state_dict if not _CONVERTED_KEY.match(k)]
     if odd:
         raise LoraFitError(
-            f"LoRA {label!r}: unsupported keys in this {layout.value} file: {_examples(odd)} (plain LoRA"
+            f"LoRA {label!r}: unsupported keys in this {what} file: {_examples(odd)} (plain LoRA"
             " lora_A/lora_B weights and alpha only)"
         )

@@ -50,6 +50,7 @@ class ParsedLora:
     state_dict: Mapping[str, torch.Tensor]
     alpha: float | None = None
     finite: bool = False
+    notes: tuple[str, ...] = ()  # what reading it changed that the user should know (truncations, drops)
 
 
 @dataclass(frozen=True)

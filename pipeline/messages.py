@@ -31,6 +31,7 @@ class WorkerConfig:
     warmup_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) compiled for at startup
     attention_backend: str | None = None  # a diffusers backend name; None: the fastest exact one available
     memory_profile: str | None = None  # a profile of the model's entry in models.yaml; None: by device memory
+    lycoris_truncate: bool = False  # LoKr/LoHa over the slot rank: approximated by SVD instead of refused
     log_level: str = "info"
     log_json: bool = False
 
@@ -107,6 +108,14 @@ class JobStarted:
 
 
 @dataclass(frozen=True)
+class JobNote:
+    """Something the user should read in the request's logs (a LoRA key dropped, a LoKr truncated)."""
+
+    request_id: str
+    message: str
+
+
+@dataclass(frozen=True)
 class StepProgress:
     request_id: str
     step: int  # 1-based count of finished denoising steps
@@ -167,5 +176,12 @@ class JobFailed:
 
 ToWorker = Job | Shutdown
 FromWorker = (
-    WorkerReady | WorkerStartupFailed | JobStarted | StepProgress | JobSucceeded | JobFailed | WorkerStats
+    WorkerReady
+    | WorkerStartupFailed
+    | JobStarted
+    | JobNote
+    | StepProgress
+    | JobSucceeded
+    | JobFailed
+    | WorkerStats
 )

@@ -26,6 +26,7 @@ from pipeline.messages import (
     FromWorker,
     Job,
     JobFailed,
+    JobNote,
     JobStarted,
     JobSucceeded,
     Shutdown,
@@ -40,7 +41,7 @@ from pipeline.messages import (
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import SynchronizedString
 
-    from pipeline.generation import CancelCheck, ImageGenerator, StepCallback
+    from pipeline.generation import CancelCheck, ImageGenerator, NoteCallback, StepCallback
     from pipeline.models import HubModel, TinyModel
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         safety,
         PromptEmbeddingCache(config.prompt_cache_bytes),
         accelerator,
+        lycoris_truncate=config.lycoris_truncate,
     )
     if compile_blocks:
         # After the slots exist: slot swaps only change parameter data, so these graphs are the last.
@@ -108,7 +110,11 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
 
 
 def run_job(
-    generator: ImageGenerator, job: Job, on_step: StepCallback, cancelled: CancelCheck
+    generator: ImageGenerator,
+    job: Job,
+    on_step: StepCallback,
+    cancelled: CancelCheck,
+    on_note: NoteCallback = lambda note: None,
 ) -> JobSucceeded | JobFailed:
     """One job, every failure turned into the message that reports it."""
     import torch
@@ -117,7 +123,7 @@ def run_job(
 
     started = time.perf_counter()
     try:
-        return generator.generate(job, on_step, cancelled)
+        return generator.generate(job, on_step, cancelled, on_note)
     except PipelineError as exc:
         kind, message, loc = exc.kind, exc.message, exc.loc
     except torch.OutOfMemoryError as exc:
@@ -141,7 +147,10 @@ def _serve(
     def cancelled() -> bool:
         return bool(cancelled_id.value == own_id)
 
-    return run_job(generator, job, on_step, cancelled)
+    def on_note(note: str) -> None:
+        outbox.put(JobNote(job.request_id, note))
+
+    return run_job(generator, job, on_step, cancelled, on_note)
 
 
 def _stats(generator: ImageGenerator) -> WorkerStats:

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     allow_private_lora_urls: bool = False  # loopback / private / link-local LoRA URLs (SSRF guard off)
     allow_private_webhook_urls: bool = False  # the same for `?fal_webhook=` targets
     max_lora_rank: int = 128  # slot size; a LoRA of higher rank is refused
+    lycoris_truncate: bool = False  # a LoKr/LoHa over the slot rank: approximated by SVD (error logged)
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
@@ -188,6 +189,7 @@ class Settings(BaseSettings):
             warmup_sizes=tuple(dict.fromkeys(PRESET_SIZES.values())),
             attention_backend=self.attention_backend,
             memory_profile=self.memory_profile,
+            lycoris_truncate=self.lycoris_truncate,
             log_level=self.log_level,
             log_json=self.log_json,
         )

@@ -20,6 +20,7 @@ from pipeline.messages import (
     FromWorker,
     Job,
     JobFailed,
+    JobNote,
     JobStarted,
     JobSucceeded,
     StepProgress,
@@ -232,7 +233,7 @@ class WorkerSupervisor:
             ready.load_seconds,
         )
 
-    def _job_message(self, message: JobStarted | StepProgress | JobSucceeded | JobFailed) -> None:
+    def _job_message(self, message: JobStarted | JobNote | StepProgress | JobSucceeded | JobFailed) -> None:
         record = self.running
         if record is None or message.request_id != record.request_id:
             log.error("ignoring a worker message for a request not in progress: %r", message)
@@ -240,6 +241,8 @@ class WorkerSupervisor:
         self._watchdog.heard()
         if isinstance(message, JobStarted):
             record.log("generation started")
+        elif isinstance(message, JobNote):
+            record.log(message.message, level="WARN")
         elif isinstance(message, StepProgress):
             record.log(f"step {message.step}/{message.total}")
         elif isinstance(message, JobSucceeded):

@@ -1,6 +1,13 @@
-"""LoRAs from the Hugging Face Hub: `owner/repo` (the repo must hold exactly one `.safetensors` file) or
-`owner/repo/sub/file.safetensors`, downloaded by huggingface_hub into its own cache (`HF_HOME`,
-`HF_TOKEN` and `HF_HUB_OFFLINE` are honoured). Blocking: called from a worker thread."""
+"""LoRAs from the Hugging Face Hub: `owner/repo` or `owner/repo/sub/file.safetensors`, downloaded by
+huggingface_hub into its own cache (`HF_HOME`, `HF_TOKEN` and `HF_HUB_OFFLINE` are honoured, and a cached
+repo works offline). Blocking: called from a worker thread.
+
+A repo named without a file gives its LoRA file by diffusers' rule for `load_lora_weights` without a
+`weight_name` (`.safetensors` files, none whose path mentions scheduler, optimizer or checkpoint, and
+`pytorch_lora_weights.safetensors` when there is one), with top-level files first (what diffusers means
+to do: a main file beside a ComfyUI copy in a folder). Where diffusers would take whichever the listing
+gives first, the request is refused with the candidates, to be named as `owner/repo/file.safetensors`.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ def hub_file(source: LoraSource, max_bytes: int) -> Path:
         if offline:
             if not filename:
                 folder = Path(snapshot_download(source.repo, local_files_only=True))
-                filename = _single(sorted(str(f.relative_to(folder)) for f in folder.rglob("*.safetensors")))
+                filename = pick_lora_file(sorted(str(f.relative_to(folder)) for f in folder.rglob("*")))
         else:
             api = HfApi()
             if filename:
@@ -45,7 +52,7 @@ def hub_file(source: LoraSource, max_bytes: int) -> Path:
                     for f in api.list_repo_tree(source.repo, recursive=True)
                     if hasattr(f, "size")
                 }
-                filename = _single(sorted(n for n in files if n.endswith(".safetensors")), files)
+                filename = pick_lora_file(sorted(files))
                 size = files[filename]
             if size > max_bytes:
                 raise FetchFailure(
@@ -77,12 +84,26 @@ def hub_file(source: LoraSource, max_bytes: int) -> Path:
         raise FetchFailure(f"the Hugging Face download failed: {exc}") from None
 
 
-def _single(names: list[str], files: dict[str, int] | None = None) -> str:
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        pickles = [n for n in (files or {}) if is_pickle_name(n)]
-        extra = " (it has only pickle files, which are refused)" if pickles else ""
-        raise FetchFailure(f"the repo has no .safetensors file{extra}")
-    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-    raise FetchFailure(f"the repo has {len(names)} .safetensors files ({shown}); name one as owner/repo/file")
+_NOT_LORAS = ("scheduler", "optimizer", "checkpoint")  # diffusers' `_best_guess_weight_name` skips these
+_DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def pick_lora_file(names: list[str]) -> str:
+    """The repo's LoRA file among its file paths (see the module docstring), or a FetchFailure that lists
+    the candidates."""
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    candidates = [n for n in safetensors if not any(word in n for word in _NOT_LORAS)]
+    candidates = [n for n in candidates if "/" not in n] or candidates
+    candidates = [n for n in candidates if n.endswith(_DIFFUSERS_NAME)] or candidates
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        pickles = [n for n in names if is_pickle_name(n)]
+        extra = " (it has only pickle files, which are refused)" if pickles and not safetensors else ""
+        skipped = f" besides {', '.join(safetensors[:3])}, which are not LoRAs by name" if safetensors else ""
+        raise FetchFailure(f"the repo has no .safetensors LoRA file{extra}{skipped}")
+    shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
+    raise FetchFailure(
+        f"the repo has {len(candidates)} .safetensors files that could be the LoRA ({shown}); name one as"
+        " owner/repo/file.safetensors"
+    )

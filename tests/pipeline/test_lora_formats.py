@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
+from pipeline.lycoris import LycorisPolicy
 from pipeline.testing import load_tiny, render
 
 ATOL = 1e-4  # [0, 1] images in float32: see REFERENCE_ATOL in test_lora_slots.py
@@ -153,6 +154,31 @@ def bare_diffusers(bfl: Bfl, shapes: dict[str, tuple[int, int]]) -> Tensors:
     return {k.removeprefix("transformer."): v for k, v in plain_diffusers(bfl, shapes).items()}
 
 
+def diffsynth(bfl: Bfl, shapes: dict[str, tuple[int, int]]) -> Tensors:
+    """DiffSynth-Studio: bare diffusers names, peft's adapter name left in (`.lora_A.default.weight`)."""
+    return {
+        k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+        for k, v in bare_diffusers(bfl, shapes).items()
+    }
+
+
+def bare_bfl(bfl: Bfl) -> Tensors:
+    """BFL names with no prefix at all, as several conversion scripts write them."""
+    return {k.removeprefix("diffusion_model."): v for k, v in ai_toolkit(bfl, alpha=True).items()}
+
+
+def turbo_mixed(bfl: Bfl, shapes: dict[str, tuple[int, int]]) -> Tensors:
+    """As files converted from the FLUX.2 [dev] Turbo LoRA: the blocks under `transformer.` with diffusers
+    names, the guidance embedder under `diffusion_model.` with BFL names (and alpha keys)."""
+    tensors = {k: v for k, v in plain_diffusers(bfl, shapes).items() if ".guidance_embedder." not in k}
+    for module in ("guidance_in.in_layer", "guidance_in.out_layer"):
+        lora_A, lora_B = bfl[module]
+        tensors[f"diffusion_model.{module}.lora_A.weight"] = lora_A
+        tensors[f"diffusion_model.{module}.lora_B.weight"] = lora_B
+        tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(ALPHA)
+    return tensors
+
+
 def save(path: Path, tensors: Tensors, metadata: dict[str, str] | None = None) -> Path:
     save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata=metadata)  # qkv shares lora_A
     return path
@@ -255,6 +281,16 @@ LAYOUTS: dict[str, Callable[[Rig, Path], Path]] = {
     "Kohya/Musubi with .alpha": lambda r, d: save(d / "f.safetensors", kohya(r.bfl)),
     "fal trainer with guidance_in": lambda r, d: save(d / "f.safetensors", fal_trainer(r.bfl, r.shapes)),
     "peft base_model.model.": lambda r, d: save(d / "f.safetensors", peft_prefixed(r.bfl, r.shapes)),
+    "DiffSynth-Studio": lambda r, d: save(d / "f.safetensors", diffsynth(r.bfl, r.shapes)),
+    "bare BFL names": lambda r, d: save(d / "f.safetensors", bare_bfl(r.bfl)),
+    "mixed prefixes (Turbo conversion)": lambda r, d: save(d / "f.safetensors", turbo_mixed(r.bfl, r.shapes)),
+}
+
+# The layouts added for files people brought that were refused, each also in half-precision files.
+NEW_LAYOUTS: dict[str, Callable[[Bfl, dict[str, tuple[int, int]]], Tensors]] = {
+    "DiffSynth-Studio": diffsynth,
+    "bare BFL names": lambda bfl, shapes: bare_bfl(bfl),
+    "mixed prefixes (Turbo conversion)": turbo_mixed,
 }
 
 
@@ -262,11 +298,33 @@ LAYOUTS: dict[str, Callable[[Rig, Path], Path]] = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_each_layout_is_the_same_lora(rig: Rig, slots: LoraSlots, tmp_path: Path, layout: str) -> None:
     parsed = read_lora_file(LAYOUTS[layout](rig, tmp_path), name=layout)
-    assert parsed.name == layout
+    assert parsed.name == layout and parsed.notes == ()  # nothing dropped
     assert all(k.startswith("transformer.") for k in parsed.state_dict)
     assert_same_deltas(deltas(dict(parsed.state_dict)), oracle_deltas(rig.bfl))
     slots.apply([(parsed, 1.0)])
     np.testing.assert_allclose(render(rig.pipe, size=SIZE), rig.reference, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", list(NEW_LAYOUTS))
+def test_new_layouts_in_half_precision_equal_the_diffusers_file(
+    rig: Rig, slots: LoraSlots, tmp_path: Path, layout: str, dtype: torch.dtype
+) -> None:
+    def cast(tensors: Tensors) -> Tensors:
+        return {k: v.to(dtype) for k, v in tensors.items()}
+
+    ours = read_lora_file(
+        save(tmp_path / "layout.safetensors", cast(NEW_LAYOUTS[layout](rig.bfl, rig.shapes)))
+    )
+    theirs = read_lora_file(
+        save(tmp_path / "diffusers.safetensors", cast(plain_diffusers(rig.bfl, rig.shapes)))
+    )
+    assert_same_deltas(deltas(dict(ours.state_dict)), deltas(dict(theirs.state_dict)))
+    slots.apply([(theirs, 1.0)])
+    expected = render(rig.pipe, size=SIZE)
+    slots.apply([(ours, 1.0)])
+    # Alpha kept apart (BFL keys) or folded into a half-precision B rounds differently: not bit for bit.
+    np.testing.assert_allclose(render(rig.pipe, size=SIZE), expected, rtol=0, atol=ATOL)
 
 
 def test_header_alpha_is_honoured(rig: Rig, slots: LoraSlots, tmp_path: Path) -> None:
@@ -357,12 +415,16 @@ REFUSED_FILES: dict[str, tuple[Tensors, str]] = {
         | {"transformer.proj_out.lora_magnitude_vector": torch.ones(4)},
         "DoRA",
     ),
-    "LoKr": ({"diffusion_model.img_in.lokr_w1": torch.ones(2, 2)}, "LyCORIS"),
+    "OFT": ({"diffusion_model.img_in.oft_blocks": torch.ones(2, 2)}, "LyCORIS"),
+    "incomplete LoKr": (
+        {"diffusion_model.img_in.lokr_w1": torch.ones(2, 2)},
+        "incomplete LoKr factor lokr_w2",
+    ),
     "another model's keys": (lora_pair("model.layers.0.self_attn.q_proj", (4, 8), (8, 4)), "match no FLUX.2"),
-    "mixed layouts": (
-        lora_pair("transformer.proj_out", (4, 32), (4, 4))
+    "mixed layouts on one module": (
+        lora_pair("transformer.x_embedder", (4, 4), (32, 4))
         | lora_pair("diffusion_model.img_in", (4, 4), (32, 4)),
-        "mixes key layouts",
+        "both adapt 'transformer.x_embedder'",
     ),
     "unknown BFL module": (
         lora_pair("diffusion_model.double_blocks.0.img_attn.foo", (4, 32), (32, 4)),
@@ -484,3 +546,148 @@ def test_non_finite_weights_are_refused_once_at_read(tmp_path: Path) -> None:
     bad = {**good, "transformer.proj_out.lora_B.weight": torch.full((4, 2), float("nan"))}
     with pytest.raises(LoraFitError, match="NaN or infinite"):
         read_lora_file(save(tmp_path / "bad.safetensors", bad))
+
+
+# ---- LyCORIS LoKr and LoHa: converted to exact LoRA factors -------------------------------------------
+
+
+def lokr_factors(
+    in_features: int, out_features: int, rank: int, seed: int, factor: int = 4
+) -> dict[str, torch.Tensor]:
+    """A LoKr module as LyCORIS (and peft) shape it for a Linear: w1 full (out_l x in_m), w2 = w2_a @ w2_b
+    (out_k x in_n), the sides from peft's own `factorization`."""
+    from peft.tuners.lokr.layer import factorization
+
+    generator = torch.Generator().manual_seed(seed)
+    (out_l, out_k), (in_m, in_n) = factorization(out_features, factor), factorization(in_features, factor)
+    return {
+        "lokr_w1": torch.randn(out_l, in_m, generator=generator) * 0.5,
+        "lokr_w2_a": torch.randn(out_k, rank, generator=generator) * 0.5,
+        "lokr_w2_b": torch.randn(rank, in_n, generator=generator) * 0.5,
+        "alpha": torch.tensor(1.0),
+    }
+
+
+def lokr_delta(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    w2 = factors["lokr_w2_a"].double() @ factors["lokr_w2_b"].double()
+    return (
+        torch.kron(factors["lokr_w1"].double(), w2) * float(factors["alpha"]) / factors["lokr_w2_b"].shape[0]
+    )
+
+
+def bfl_lycoris(
+    shapes: dict[str, tuple[int, int]], make: Callable[[int, int, int], Tensors]
+) -> dict[str, Tensors]:
+    """{BFL module: its factors} for every module of BFL_MODULES."""
+    modules = {}
+    for seed, (module, targets) in enumerate(BFL_MODULES.items()):
+        in_features, out_features = shapes[targets[0]][0], sum(shapes[t][1] for t in targets)
+        modules[module] = make(in_features, out_features, seed)
+    return modules
+
+
+def lycoris_file(path: Path, modules: dict[str, Tensors], prefix: str = "diffusion_model.") -> Path:
+    return save(
+        path,
+        {f"{prefix}{module}.{name}": t for module, factors in modules.items() for name, t in factors.items()},
+    )
+
+
+def oracle_from_deltas(bfl_deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(
+        {f"{m}.weight": d for m, d in bfl_deltas.items()}
+    )
+    return {k.removesuffix(".weight"): v for k, v in converted.items()}
+
+
+def test_ai_toolkit_lokr_is_an_exact_lora(rig: Rig, tmp_path: Path) -> None:
+    modules = bfl_lycoris(rig.shapes, lambda i, o, seed: lokr_factors(i, o, rank=2, seed=seed))
+    parsed = read_lora_file(lycoris_file(tmp_path / "lokr.safetensors", modules), lycoris=LycorisPolicy(8))
+    assert parsed.notes == ()
+    expected = oracle_from_deltas({m: lokr_delta(f) for m, f in modules.items()})
+    assert_same_deltas(deltas(dict(parsed.state_dict)), expected)
+
+
+def test_simpletuner_lokr_renders_as_diffusers_loads_it(
+    rig: Rig, slots: LoraSlots, tmp_path: Path, cache_dir: Path
+) -> None:
+    names = {  # SimpleTuner's LyCORIS module names -> the tiny transformer's modules
+        "lycoris_transformer_blocks_0_attn_to_q": "transformer_blocks.0.attn.to_q",
+        "lycoris_transformer_blocks_0_attn_to_out_0": "transformer_blocks.0.attn.to_out.0",
+        "lycoris_transformer_blocks_0_ff_linear_in": "transformer_blocks.0.ff.linear_in",
+        "lycoris_single_transformer_blocks_0_attn_to_out": "single_transformer_blocks.0.attn.to_out",
+    }
+    tensors = {}
+    for seed, (name, module) in enumerate(names.items()):
+        in_features, out_features = rig.shapes[module]
+        for factor, tensor in lokr_factors(in_features, out_features, rank=2, seed=seed).items():
+            tensors[f"{name}.{factor}"] = tensor
+    path = save(tmp_path / "simpletuner-lokr.safetensors", tensors)
+    theirs = load_tiny(cache_dir)  # diffusers' own LoKr loading (peft's LoKr layers), on a clean pipeline
+    theirs.load_lora_weights(str(path))
+    expected = render(theirs, size=SIZE)
+    slots.apply([(read_lora_file(path, lycoris=LycorisPolicy(8)), 1.0)])
+    np.testing.assert_allclose(render(rig.pipe, size=SIZE), expected, rtol=0, atol=ATOL)
+    assert np.abs(expected - rig.base).max() > 100 * ATOL  # the LoKr does change the image
+
+
+def test_loha_is_an_exact_lora(rig: Rig, tmp_path: Path) -> None:
+    def loha(in_features: int, out_features: int, seed: int) -> Tensors:
+        generator = torch.Generator().manual_seed(seed)
+        return {
+            "hada_w1_a": torch.randn(out_features, 2, generator=generator),
+            "hada_w1_b": torch.randn(2, in_features, generator=generator),
+            "hada_w2_a": torch.randn(out_features, 2, generator=generator),
+            "hada_w2_b": torch.randn(2, in_features, generator=generator),
+            "alpha": torch.tensor(1.0),
+        }
+
+    modules = bfl_lycoris(rig.shapes, loha)
+    parsed = read_lora_file(lycoris_file(tmp_path / "loha.safetensors", modules), lycoris=LycorisPolicy(8))
+    expected = oracle_from_deltas(
+        {
+            m: (f["hada_w1_a"].double() @ f["hada_w1_b"].double())
+            * (f["hada_w2_a"].double() @ f["hada_w2_b"].double())
+            * 0.5  # alpha 1 / rank 2
+            for m, f in modules.items()
+        }
+    )
+    actual = deltas(dict(parsed.state_dict))
+    assert sorted(actual) == sorted(expected)
+    for module, delta in expected.items():  # float32 factors: exact up to float32 rounding of the delta
+        torch.testing.assert_close(actual[module], delta, rtol=0, atol=1e-6 * float(delta.abs().max()))
+
+
+def test_a_lokr_over_the_slot_rank_is_refused_or_truncated_with_its_error(rig: Rig, tmp_path: Path) -> None:
+    modules = bfl_lycoris(rig.shapes, lambda i, o, seed: lokr_factors(i, o, rank=2, seed=seed))
+    path = lycoris_file(tmp_path / "lokr.safetensors", modules)
+    with pytest.raises(
+        LoraFitError, match=r"needs rank 8 as a LoRA, over this server's slot rank 4 \(FLUX2_MAX_LORA_RANK\)"
+    ):
+        read_lora_file(path, lycoris=LycorisPolicy(4))
+    parsed = read_lora_file(path, lycoris=LycorisPolicy(4, truncate=True))
+    assert len(parsed.notes) == len(modules) and all("rank 8 truncated to 4" in note for note in parsed.notes)
+
+    def best_rank_4(delta: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(delta)
+        return (u[:, :4] * s[:4]) @ vh[:4]
+
+    expected = oracle_from_deltas({m: best_rank_4(lokr_delta(f)) for m, f in modules.items()})
+    assert_same_deltas(deltas(dict(parsed.state_dict)), expected)
+
+
+def test_tucker_factors_are_refused(tmp_path: Path) -> None:
+    tensors = {f"diffusion_model.img_in.{k}": v for k, v in lokr_factors(4, 32, 2, seed=0).items()}
+    tensors["diffusion_model.img_in.lokr_t2"] = torch.ones(2, 2, 1, 1)
+    with pytest.raises(LoraFitError, match="Tucker"):
+        read_lora_file(save(tmp_path / "tucker.safetensors", tensors))
+
+
+def test_text_encoder_keys_beside_transformer_keys_are_dropped_with_a_note(rig: Rig, tmp_path: Path) -> None:
+    tensors = ai_toolkit(rig.bfl, alpha=True) | lora_pair(
+        "text_encoder.model.layers.0.mlp.up_proj", (4, 8), (8, 4)
+    )
+    parsed = read_lora_file(save(tmp_path / "with-te.safetensors", tensors))
+    assert_same_deltas(deltas(dict(parsed.state_dict)), oracle_deltas(rig.bfl))
+    (note,) = parsed.notes
+    assert "ignored 2 text-encoder keys" in note and "text_encoder.model.layers.0.mlp.up_proj" in note

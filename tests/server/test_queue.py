@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.messages import FailureKind, JobFailed
+from pipeline.messages import FailureKind, JobFailed, JobNote
 from server.worker_process import WorkerExited
 from tests.server.conftest import Harness
 
@@ -50,6 +50,15 @@ def test_status_202_while_running_then_200(held: Harness) -> None:
     assert body["metrics"]["inference_time"] > 0
     assert [entry["message"] for entry in body["logs"]][:2] == ["generation started", "step 1/4"]
     assert set(body["logs"][0]) == {"message", "level", "source", "timestamp"}
+
+
+def test_what_the_worker_notes_reaches_the_requests_logs(held: Harness) -> None:
+    submitted = held.client.post(SUBMIT, json=BODY).json()
+    note = "LoRA 0 (x.safetensors): ignored 2 text-encoder keys (only the transformer is adapted)"
+    held.worker.send(JobNote(submitted["request_id"], note))
+    held.worker.release()
+    logs = held.client.get(submitted["status_url"], params={"logs": 1}).json()["logs"]
+    assert [entry["level"] for entry in logs if entry["message"] == note] == ["WARN"]
 
 
 @pytest.mark.parametrize("flag", ["true", "1", "True", "yes"])
@@ -163,7 +172,7 @@ def test_proxy_dispatches_on_target_url(harness: Harness) -> None:
 
 
 @pytest.mark.parametrize(
-    "target", [None, "https://evil.example/fal-ai/flux-2", "https://rest.fal.ai/storage/upload"]
+    "target", [None, "https://evil.example/fal-ai/flux-2", "https://api.fal.ai/v1/models"]
 )
 def test_proxy_refuses_other_targets(harness: Harness, target: str | None) -> None:
     headers = {"x-fal-target-url": target} if target else {}

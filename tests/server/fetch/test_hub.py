@@ -55,10 +55,39 @@ def test_hub_repo_from_the_offline_cache(tmp_path: Path, offline_hub: Path) -> N
     _cache_repo(offline_hub, "someone/two-loras", {"a.safetensors": one, "sub/b.safetensors": two})
     (lora,) = fetch(LoraFetcher(policy(tmp_path)), ["someone/one-lora"])
     assert lora.sha256 == hashlib.sha256(one).hexdigest() and lora.file.name == "lora.safetensors"
-    err = fetch_error(LoraFetcher(policy(tmp_path)), ["someone/two-loras"])
-    assert "2 .safetensors files" in err.message and "sub/b.safetensors" in err.message
     (picked,) = fetch(LoraFetcher(policy(tmp_path)), ["someone/two-loras/sub/b.safetensors"])
     assert picked.sha256 == hashlib.sha256(two).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("files", "picked"),
+    [
+        # The Turbo LoRA's shape: the main file, and a ComfyUI copy in a folder.
+        (["flux2-turbo-lora.safetensors", "comfy/flux2-turbo-lora-comfyui.safetensors", "README.md"], 0),
+        (["style.safetensors", "pytorch_lora_weights.safetensors"], 1),  # diffusers' own name wins
+        (["checkpoint-500/lora.safetensors", "optimizer.safetensors", "lora.safetensors"], 2),  # not LoRAs
+        (["sub/only.safetensors", "model.bin"], 0),
+    ],
+)
+def test_a_repo_with_several_files_gives_its_lora_as_diffusers_picks_it(
+    tmp_path: Path, offline_hub: Path, files: list[str], picked: int
+) -> None:
+    blobs = {name: lora_bytes(tmp_path, seed) for seed, name in enumerate(files)}
+    _cache_repo(offline_hub, "someone/several", blobs)
+    (lora,) = fetch(LoraFetcher(policy(tmp_path)), ["someone/several"])
+    assert lora.sha256 == hashlib.sha256(blobs[files[picked]]).hexdigest()
+
+
+def test_a_repo_whose_lora_cannot_be_told_is_refused_with_its_files(
+    tmp_path: Path, offline_hub: Path
+) -> None:
+    files = ["a.safetensors", "b_comfyui.safetensors", "sub/c.safetensors"]
+    _cache_repo(
+        offline_hub, "someone/two-loras", {name: lora_bytes(tmp_path, i) for i, name in enumerate(files)}
+    )
+    err = fetch_error(LoraFetcher(policy(tmp_path)), ["someone/two-loras"])
+    assert "2 .safetensors files" in err.message and "a.safetensors, b_comfyui.safetensors" in err.message
+    assert "name one as owner/repo/file.safetensors" in err.message
 
 
 def test_hub_file_must_be_safetensors(tmp_path: Path, offline_hub: Path) -> None:
