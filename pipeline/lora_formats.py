@@ -158,7 +158,15 @@ def read_lora_file(path: Path, name: str | None = None, lycoris: LycorisPolicy |
     for key, tensor in state_dict.items():  # once here, not on every application of a cached LoRA
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LoraFitError(f"LoRA {label!r}: {key} contains NaN or infinite values")
-    return ParsedLora(name=label, state_dict=state_dict, finite=True, notes=tuple(notes))
+    if any(is_lycoris_key(key) for key in header_keys):
+        what += " (LyCORIS " + " and ".join(_lycoris_kinds(header_keys)) + ", read as LoRA factors)"
+    return ParsedLora(name=label, state_dict=state_dict, finite=True, notes=tuple(notes), layout=what)
+
+
+def _lycoris_kinds(keys: list[str]) -> list[str]:
+    return [
+        kind for kind, marker in (("LoKr", ".lokr_"), ("LoHa", ".hada_")) if any(marker in k for k in keys)
+    ]
 
 
 def _without_text_encoder(keys: list[str]) -> tuple[list[str], list[str]]:

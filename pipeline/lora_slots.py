@@ -51,6 +51,7 @@ class ParsedLora:
     alpha: float | None = None
     finite: bool = False
     notes: tuple[str, ...] = ()  # what reading it changed that the user should know (truncations, drops)
+    layout: str = ""  # the file's key layout(s), as read
 
 
 @dataclass(frozen=True)

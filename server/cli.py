@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
         "env", help="print the variables under which an unmodified fal_client script calls this server"
     )
 
+    lora_info = commands.add_parser(
+        "lora-info", help="what a LoRA file is: layout, rank, alpha, layers, and whether the server takes it"
+    )
+    lora_info.add_argument("path", help="a LoRA: a file, a URL or a Hugging Face repo, as in `loras`")
+
     for command in (serve, generate, download):
         command.add_argument(
             "--config",
@@ -72,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--model", help="a model from models.yaml (default: flux2-dev with CUDA, else tiny)"
         )
+    for command in (serve, generate, lora_info):
         command.add_argument(
             "--lora-folder",
             type=Path,
@@ -210,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             from server.oneshot import download
 
             return download(settings, load_registry(settings.models_file), args.model)
+        if args.command == "lora-info":
+            from server.oneshot import lora_info
+
+            return lora_info(settings, args.path)
         return env(settings)
     except (ConfigError, SettingsError, StoreError) as exc:
         print(f"flux2-server: {exc}", file=sys.stderr)

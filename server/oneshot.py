@@ -1,4 +1,5 @@
-"""`flux2-server generate` and `download`: local, one-shot use of the same code the server runs.
+"""`flux2-server generate`, `download` and `lora-info`: local, one-shot use of the same code the server
+runs.
 
 `generate` validates its arguments with the server's own input schema, fetches LoRAs and reference
 images through the same fetchers (a local reference file goes in as a `data:` URI, so it passes the same
@@ -102,27 +103,49 @@ def _generate(
 
 
 async def _fetch(
-    paths: list[str], references: tuple[str, ...], settings: Settings, folder: Path
+    paths: list[str], references: tuple[str, ...], settings: Settings, folder: Path | None = None
 ) -> tuple[list[LocalLora], list[Path]]:
     """The LoRAs into the server's cache; the references decoded into `folder`, as the server would."""
     fetcher = LoraFetcher(settings.lora_policy())
-    database = Database(sqlite_url(folder / "files.sqlite"))
     try:
         loras = await fetcher.fetch_all(paths) if paths else []
         if not references:
             return loras, []
-        database.migrate()
-        images = ReferenceFetcher(settings.reference_policy(), fetcher.downloads, FileStore(folder, database))
-        return loras, await images.fetch_all(references, None, ())
+        assert folder is not None, "references need a folder"
+        database = Database(sqlite_url(folder / "files.sqlite"))
+        try:
+            database.migrate()
+            store = FileStore(folder, database)
+            images = ReferenceFetcher(settings.reference_policy(), fetcher.downloads, store)
+            return loras, await images.fetch_all(references, None, ())
+        finally:
+            database.close()
     finally:
         await fetcher.aclose()
-        database.close()
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(count)]
+
+
+def lora_info(settings: Settings, path: str) -> int:
+    """Fetch the LoRA as a request's would be (file, URL, Hub repo), then report it as the worker reads
+    it; exit status 1 when the server would refuse it."""
+    from pipeline.lora_info import describe_lora, format_report
+
+    local = Path(path).expanduser()
+    if not local.is_file():
+        try:
+            fetched, _ = asyncio.run(_fetch([path], (), settings))
+        except LoraSourceError as exc:
+            print(f"flux2-server: {exc.message}", file=sys.stderr)
+            return 1
+        local = fetched[0].file
+    report = describe_lora(local, settings.max_lora_rank, settings.lycoris_truncate)
+    print(format_report(report))
+    return 0 if report.refused is None else 1
 
 
 def download(settings: Settings, registry: Registry, model_name: str) -> int:

@@ -125,3 +125,39 @@ def test_download(cache_dir: Path) -> None:
     offline = cli("download", cache_dir=cache_dir, HF_HOME=str(cache_dir / "empty-hf-home"))
     assert offline.returncode == 1
     assert "black-forest-labs/FLUX.2-dev is not cached" in offline.stderr
+
+
+def _lokr(path: Path, rank: int) -> Path:
+    """A SimpleTuner-named LoKr on one attention projection of FLUX.2 [dev]'s first block (3072 wide)."""
+    from safetensors.torch import save_file
+
+    torch_ = pytest.importorskip("torch")
+    save_file(
+        {
+            "lycoris_transformer_blocks_0_attn_to_q.lokr_w1": torch_.randn(4, 4, dtype=torch_.bfloat16),
+            "lycoris_transformer_blocks_0_attn_to_q.lokr_w2_a": torch_.randn(
+                768, rank, dtype=torch_.bfloat16
+            ),
+            "lycoris_transformer_blocks_0_attn_to_q.lokr_w2_b": torch_.randn(
+                rank, 768, dtype=torch_.bfloat16
+            ),
+            "lycoris_transformer_blocks_0_attn_to_q.alpha": torch_.tensor(float(rank)),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_lora_info_reports_what_the_server_reads(tmp_path: Path, cache_dir: Path) -> None:
+    lokr = _lokr(tmp_path / "style-lokr.safetensors", rank=8)
+    run = cli("lora-info", str(lokr), cache_dir=cache_dir)
+    assert run.returncode == 0, run.stderr
+    report = run.stdout
+    assert "layout:   diffusers/peft (LyCORIS LoKr, read as LoRA factors)" in report
+    assert "rank:     32" in report  # cols(w1) x r = 4 x 8, exactly
+    assert "transformer_blocks 0 (1 blocks): attn.to_q" in report
+    assert "BF16" in report and "slots:    fits" in report
+
+    over = cli("lora-info", str(lokr), cache_dir=cache_dir, FLUX2_MAX_LORA_RANK="16")
+    assert over.returncode == 1
+    assert "needs rank 32 as a LoRA" in over.stdout and "FLUX2_LYCORIS_TRUNCATE" in over.stdout
