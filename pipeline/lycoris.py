@@ -79,8 +79,9 @@ def lycoris_as_lora(
             else:
                 lora_B, lora_A, error = truncate(*_loha(label, module, factors), policy.max_rank)
             notes.append(f"{module}: rank {exact_rank} truncated to {policy.max_rank} ({error:.2%} error)")
-        out[f"{module}.lora_A.weight"] = lora_A.contiguous()
-        out[f"{module}.lora_B.weight"] = lora_B.contiguous()
+        down, up = ("lora_down", "lora_up") if module.startswith("lora_unet_") else ("lora_A", "lora_B")
+        out[f"{module}.{down}.weight"] = lora_A.contiguous()  # named as the file's layout names LoRAs
+        out[f"{module}.{up}.weight"] = lora_B.contiguous()
         out[f"{module}.alpha"] = torch.tensor(float(lora_A.shape[0]))
     return out, notes
 

@@ -604,11 +604,17 @@ def oracle_from_deltas(bfl_deltas: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k.removesuffix(".weight"): v for k, v in converted.items()}
 
 
-def test_ai_toolkit_lokr_is_an_exact_lora(rig: Rig, tmp_path: Path) -> None:
-    modules = bfl_lycoris(rig.shapes, lambda i, o, seed: lokr_factors(i, o, rank=2, seed=seed))
-    parsed = read_lora_file(lycoris_file(tmp_path / "lokr.safetensors", modules), lycoris=LycorisPolicy(8))
+@pytest.mark.parametrize("naming", ["ai-toolkit", "Kohya"])
+def test_lokr_is_an_exact_lora(rig: Rig, tmp_path: Path, naming: str) -> None:
+    bfl = bfl_lycoris(rig.shapes, lambda i, o, seed: lokr_factors(i, o, rank=2, seed=seed))
+    if naming == "ai-toolkit":
+        path = lycoris_file(tmp_path / "lokr.safetensors", bfl)
+    else:  # LyCORIS' own naming for sd-scripts/Musubi: lora_unet_ + the BFL name, underscored
+        kohya = {"lora_unet_" + module.replace(".", "_"): factors for module, factors in bfl.items()}
+        path = lycoris_file(tmp_path / "lokr.safetensors", kohya, prefix="")
+    parsed = read_lora_file(path, lycoris=LycorisPolicy(8))
     assert parsed.notes == ()
-    expected = oracle_from_deltas({m: lokr_delta(f) for m, f in modules.items()})
+    expected = oracle_from_deltas({module: lokr_delta(factors) for module, factors in bfl.items()})
     assert_same_deltas(deltas(dict(parsed.state_dict)), expected)
 
 
