@@ -59,7 +59,7 @@ def pipeline_kwargs(params: GenerationParams, images: Sequence[Image.Image] = ()
 
 
 def open_reference(path: str) -> Image.Image:
-    """A reference image as the HTTP side stored it (an RGB PNG), loaded whole before the file may go."""
+    """A reference image as the HTTP side stored it (RGB), loaded whole before the file may go."""
     with Image.open(path) as image:
         return image.convert("RGB")
 

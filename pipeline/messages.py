@@ -68,8 +68,8 @@ class GenerationParams:
 @dataclass(frozen=True)
 class Job:
     """One request for the worker: it can only be made with LoRAs and reference images already fetched.
-    `images` are PNG files of the reference images, already decoded to RGB and scaled to at most one
-    megapixel by the HTTP side, in the request's order."""
+    `images` are the reference images as files the HTTP side decoded, made RGB and scaled to at most one
+    megapixel (lossless PPMs), in the request's order."""
 
     request_id: str
     params: GenerationParams

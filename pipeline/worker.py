@@ -1,6 +1,6 @@
 """The entry points into the GPU side, and all the HTTP side may call of it besides the wire: the worker's
 main loop (`run_worker`, run in a spawned child process that alone owns the device), and, for the one-shot
-commands, `load_generator`, `run_job` and `download_model`.
+commands, `load_generator`, `run_job`, `download_model` and `lora_report`.
 
 Nothing here imports torch at module level: the HTTP process imports this module to name the process
 target, and must stay light and CUDA-free.
@@ -107,6 +107,15 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         pid=os.getpid(),
     )
     return generator, ready
+
+
+def lora_report(path: Path, max_rank: int, lycoris_truncate: bool) -> tuple[str, bool]:
+    """`flux2-server lora-info`: the worker's own reading of a LoRA file, as text, and whether it would
+    take the file."""
+    from pipeline.lora_info import describe_lora, format_report
+
+    report = describe_lora(path, max_rank, lycoris_truncate)
+    return format_report(report), report.refused is None
 
 
 def run_job(

@@ -1,35 +1,52 @@
-"""What an edit costs beyond text-to-image, and whether caching encoded reference latents would pay,
-measured side by side in one run on the tiny model (CPU here; the same script runs on a GPU).
+"""What an edit's reference images cost, measured side by side in one run on the tiny model (CPU here).
 
-Per reference count (0 = text-to-image): the median time of one whole request through the worker's own
-`ImageGenerator`, and of the VAE encoding of its references alone (`prepare_image_latents`, what a
-latent cache by content hash would save). Then the HTTP side's decode-and-scale of large photos
-(`decode_reference`), which happens before queueing, off the GPU's path.
+1. The HTTP side, per reference: the fetch stage's own `ReferenceFetcher` taking 1-megapixel PNGs from a
+   file server on loopback (download, decode, scale, write the pixels, store), for 1 and 4 references, beside
+   the decode-scale-encode alone. Target: at most 50 ms per reference.
+2. End to end: the same edit through a live server (real `fal_client`, references as loopback URLs) and
+   as a direct `Flux2Pipeline(image=...)` call with the decoded images, interleaved; the difference is
+   what the server adds.
+3. The worker's side: encoding the references with the VAE (`prepare_image_latents`), what a latent
+   cache by content hash could save, beside the whole generation.
 
-    .venv/bin/python scripts/bench_edit.py [-n 5] [--steps 28] [--size 512] [--json out.json]
+    .venv/bin/python scripts/bench_edit.py [-n 5] [--steps 4] [--size 512] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import fal_client
+import fal_client.client
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.messages import GenerationParams, Job, WorkerConfig
-from pipeline.models import PACKAGED_REGISTRY, load_registry
-from pipeline.worker import load_generator
+from pipeline.generation import pipeline_kwargs
+from pipeline.testing import load_tiny
 from server.config import Settings
-from server.fetch.image_decode import decode_reference, encode_png
+from server.fetch.disk_cache import DiskCache
+from server.fetch.downloads import Downloader, DownloadPolicy
+from server.fetch.image_decode import decode_reference, encode_raw
+from server.fetch.reference_images import ReferenceFetcher, ReferencePolicy
+from server.files import FileStore
+from server.schemas import Flux2EditInput
+from server.store.database import Database, sqlite_url
+from server.testing import LiveServer
+
+COUNTS = (1, 4)
 
 
 def median_seconds(action: Callable[[], object], n: int) -> float:
@@ -41,10 +58,53 @@ def median_seconds(action: Callable[[], object], n: int) -> float:
     return statistics.median(times)
 
 
-def photo(width: int, height: int, seed: int) -> Image.Image:
+def photo(side: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    small = rng.integers(0, 256, (side // 32, side // 32, 3), dtype=np.uint8)
+    noisy = np.asarray(Image.fromarray(small).resize((side, side), Image.Resampling.BICUBIC), dtype=np.int16)
+    noisy = noisy + rng.integers(-6, 7, noisy.shape)  # camera noise: PNG does not shrink it away
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_folder(folder: Path) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def http_side(urls: list[str], pngs: list[bytes], folder: Path, n: int) -> dict[str, float]:
+    """ms per reference: the fetcher's whole work, and decode-scale-encode alone."""
+    database = Database(sqlite_url(folder / "files.sqlite"))
+    database.migrate()
+    files = FileStore(folder / "files", database)
+    figures: dict[str, float] = {}
+
+    async def run() -> None:
+        downloads = Downloader(
+            DownloadPolicy(2**30, allow_private_addresses=True), DiskCache(folder / "c", 2**30)
+        )
+        fetcher = ReferenceFetcher(ReferencePolicy(), downloads, files)
+        for count in COUNTS:
+            times = []
+            for _ in range(n):
+                started = time.perf_counter()
+                stored = await fetcher.fetch_all(urls[:count], None, ())
+                times.append(time.perf_counter() - started)
+                await fetcher.release(stored)
+            figures[f"fetch_ms_per_reference_{count}"] = statistics.median(times) / count * 1000
+        await downloads.aclose()
+
+    asyncio.run(run())
+    figures["decode_scale_encode_ms"] = (
+        median_seconds(lambda: encode_raw(decode_reference(pngs[0], 64_000_000)), n) * 1000
+    )
+    database.close()
+    return figures
 
 
 def main() -> None:
@@ -52,72 +112,87 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-n", type=int, default=5, help="runs per figure (the median is printed)")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--size", type=int, default=512, help="output and reference side, in pixels")
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--size", type=int, default=512, help="output side in pixels, 512+ (references are 1 MP)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    result: dict[str, Any] = {"n": args.n, "steps": args.steps, "size": args.size}
 
-    config = WorkerConfig(load_registry(PACKAGED_REGISTRY), args.model, Settings.load().cache_dir)
-    generator, ready = load_generator(replace(config, warmup_sizes=()))
-    pipe = generator.pipe
-    size = f"{args.size}x{args.size}"
-    print(f"model {ready.model} on {ready.device}, {args.steps} steps at {size}, median of {args.n}")
-    params = GenerationParams("a lighthouse at dusk", args.size, args.size, args.steps, 2.5, seed=1)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        (folder / "refs").mkdir()
+        pngs = []
+        for i in range(max(COUNTS)):
+            buffer = io.BytesIO()
+            photo(1024, seed=i).save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+            (folder / "refs" / f"{i}.png").write_bytes(pngs[-1])
+        httpd, base = serve_folder(folder / "refs")
+        urls = [f"{base}/{i}.png" for i in range(max(COUNTS))]
 
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        files = []
-        for i in range(4):
-            path = Path(folder) / f"{i}.png"
-            path.write_bytes(encode_png(photo(args.size, args.size, seed=i)))
-            files.append(str(path))
-        for count in (0, 1, 2, 4):
-            job = Job("bench", params, (), tuple(files[:count]))
-            request = median_seconds(
-                lambda job=job: generator.generate(job, lambda s, t: None, lambda: False), args.n
-            )
-            encode = 0.0
-            if count:
-                images = [
-                    pipe.image_processor.preprocess(Image.open(f).convert("RGB")) for f in files[:count]
-                ]
+        result["http"] = http_side(urls, pngs, folder, args.n)
+        print(f"1-megapixel PNG references ({len(pngs[0]) / 2**20:.1f} MiB each), median of {args.n}")
+        for count in COUNTS:
+            per = result["http"][f"fetch_ms_per_reference_{count}"]
+            print(f"  HTTP side, {count} reference(s): {per:.1f} ms per reference (target <= 50)")
+        print(f"  of which decode + scale + write: {result['http']['decode_scale_encode_ms']:.1f} ms")
 
-                def encode_references(images: list[torch.Tensor] = images) -> object:
+        pipe = load_tiny(Settings.load().cache_dir)
+        decoded = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
+        env = {"FLUX2_CACHE_DIR": str(Settings.load().cache_dir), "FLUX2_ALLOW_PRIVATE_LORA_URLS": "true"}
+        with LiveServer(folder / "server", "--model", "tiny", env=env) as server:
+            fal_client.client.RUN_URL_FORMAT = f"{server.url}/"
+            client = fal_client.SyncClient(key="bench")
+            rows = []
+            for count in COUNTS:
+                body = {
+                    "prompt": "the same scene at night",
+                    "image_urls": urls[:count],
+                    "image_size": {"width": args.size, "height": args.size},
+                    "num_inference_steps": args.steps,
+                    "seed": 1,
+                }
+                params = Flux2EditInput.model_validate(body).to_params()
+
+                def direct(count: int = count, params: Any = params) -> object:
                     with torch.inference_mode():
-                        generator_ = torch.Generator("cpu").manual_seed(0)
+                        return pipe(**pipeline_kwargs(params, decoded[:count])).images[0]
+
+                def served(body: dict[str, Any] = body) -> object:
+                    return client.run("fal-ai/flux-2/edit", body)
+
+                served()  # warm: the worker's first edit
+                direct_times, served_times = [], []
+                for _ in range(args.n):  # interleaved: both see the same machine state
+                    direct_times.append(median_seconds(direct, 1))
+                    served_times.append(median_seconds(served, 1))
+                images = [pipe.image_processor.preprocess(image) for image in decoded[:count]]
+
+                def encode(images: list[torch.Tensor] = images) -> object:
+                    with torch.inference_mode():
+                        generator = torch.Generator("cpu").manual_seed(0)
                         return pipe.prepare_image_latents(
-                            images, 1, generator_, pipe._execution_device, pipe.vae.dtype
+                            images, 1, generator, pipe._execution_device, pipe.vae.dtype
                         )
 
-                encode = median_seconds(encode_references, args.n)
-            rows.append({"references": count, "request_seconds": request, "encode_seconds": encode})
-
-    base = rows[0]["request_seconds"]
-    print(f"{'references':>10} {'request s':>10} {'vs t2i':>7} {'VAE encode s':>13} {'share':>6}")
-    for row in rows:
-        share = row["encode_seconds"] / row["request_seconds"]
-        row["vs_text_to_image"], row["encode_share"] = row["request_seconds"] / base, share
-        print(
-            f"{row['references']:>10} {row['request_seconds']:>10.3f} {row['vs_text_to_image']:>6.2f}x "
-            f"{row['encode_seconds']:>13.4f} {share:>6.1%}"
-        )
-
-    decoding = []
-    for width, height, fmt in ((4000, 3000, "JPEG"), (8192, 6144, "JPEG"), (8192, 6144, "PNG")):
-        buffer = io.BytesIO()
-        photo(width, height, seed=9).save(buffer, format=fmt)
-        data = buffer.getvalue()
-        seconds = median_seconds(
-            lambda data=data: encode_png(decode_reference(data, 64_000_000)), max(1, args.n // 2)
-        )
-        decoding.append({"pixels": width * height, "format": fmt, "bytes": len(data), "seconds": seconds})
-        what = f"a {width * height / 1e6:.0f} MP {fmt} ({len(data) / 2**20:.1f} MiB)"
-        print(f"HTTP side: decode + scale + PNG of {what}: {seconds:.2f} s")
+                row = {
+                    "references": count,
+                    "direct_s": statistics.median(direct_times),
+                    "server_s": statistics.median(served_times),
+                    "vae_encode_s": median_seconds(encode, args.n),
+                }
+                row["server_adds_s"] = row["server_s"] - row["direct_s"]
+                rows.append(row)
+                times = f"direct {row['direct_s']:.3f} s, server {row['server_s']:.3f} s"
+                added = f"+{row['server_adds_s'] * 1000:.0f} ms, {row['server_s'] / row['direct_s']:.2f}x"
+                encoding = f"the worker's VAE encoding of the references: {row['vae_encode_s'] * 1000:.0f} ms"
+                print(f"  end to end, {count} reference(s): {times} ({added}); {encoding}")
+            result["end_to_end"] = rows
+        httpd.shutdown()
     if args.json:
-        args.json.write_text(
-            json.dumps({"model": ready.model, "device": ready.device, "rows": rows, "decoding": decoding})
-        )
+        args.json.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

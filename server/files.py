@@ -31,6 +31,7 @@ CONTENT_TYPES = {
     "tiff": "image/tiff",
     "avif": "image/avif",
     "heic": "image/heic",
+    "ppm": "image/x-portable-pixmap",  # a request's decoded reference images
     "bin": "application/octet-stream",
 }
 _EXTENSIONS = {content_type: ext for ext, content_type in CONTENT_TYPES.items()} | {"image/jpg": "jpeg"}

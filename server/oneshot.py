@@ -133,7 +133,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 def lora_info(settings: Settings, path: str) -> int:
     """Fetch the LoRA as a request's would be (file, URL, Hub repo), then report it as the worker reads
     it; exit status 1 when the server would refuse it."""
-    from pipeline.lora_info import describe_lora, format_report
+    from pipeline.worker import lora_report
 
     local = Path(path).expanduser()
     if not local.is_file():
@@ -143,9 +143,9 @@ def lora_info(settings: Settings, path: str) -> int:
             print(f"flux2-server: {exc.message}", file=sys.stderr)
             return 1
         local = fetched[0].file
-    report = describe_lora(local, settings.max_lora_rank, settings.lycoris_truncate)
-    print(format_report(report))
-    return 0 if report.refused is None else 1
+    text, taken = lora_report(local, settings.max_lora_rank, settings.lycoris_truncate)
+    print(text)
+    return 0 if taken else 1
 
 
 def download(settings: Settings, registry: Registry, model_name: str) -> int:

@@ -8,8 +8,8 @@ Each entry is one of three things:
 3. An `http://` / `https://` URL, downloaded like a LoRA: public addresses only, pinned, redirects
    re-checked, with the same deadline, minimum rate and turns.
 
-The bytes are decoded and scaled down (`image_decode`) in a worker thread, a few at once, and stored as a
-lossless PNG in the files home, owned by the request's key, until the request is done with them.
+The bytes are decoded and scaled down (`image_decode`) in a worker thread, a few at once, and stored as
+raw RGB (PPM) in the files home, owned by the request's key, until the request is done with them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from server.fetch.downloads import Downloader
 from server.fetch.errors import FetchFailure, human_bytes
-from server.fetch.image_decode import ImageProblem, decode_reference, encode_png
+from server.fetch.image_decode import ImageProblem, decode_reference, encode_raw
 from server.files import FileStore
 
 _DATA_URI = re.compile(r"^data:(?P<type>[^,;]*)(?P<params>(;[^,;]*)*?)(?P<base64>;base64)?,", re.IGNORECASE)
@@ -78,10 +78,10 @@ class ReferenceFetcher:
         try:
             data = await self._read(url, owner, own_bases)
             async with self._decoding:
-                png = await asyncio.to_thread(_normalized_png, data, self.policy.max_pixels)
+                pixels = await asyncio.to_thread(_normalized, data, self.policy.max_pixels)
         except (FetchFailure, ImageProblem) as exc:
             raise ReferenceImageError(index, f"image {index}: {exc}") from None
-        name = await self.files.save(png, "image/png", owner)
+        name = await self.files.save(pixels, "image/x-portable-pixmap", owner)
         return self.files.root / name
 
     async def _read(self, url: str, owner: str | None, own_bases: Sequence[str]) -> bytes:
@@ -101,8 +101,8 @@ class ReferenceFetcher:
         return await self.downloads.read(url, self.policy.max_bytes)
 
 
-def _normalized_png(data: bytes, max_pixels: int) -> bytes:
-    return encode_png(decode_reference(data, max_pixels))
+def _normalized(data: bytes, max_pixels: int) -> bytes:
+    return encode_raw(decode_reference(data, max_pixels))
 
 
 def _own_file_name(url: str, own_bases: Sequence[str]) -> str | None:

@@ -158,6 +158,14 @@ def test_lora_info_reports_what_the_server_reads(tmp_path: Path, cache_dir: Path
     assert "transformer_blocks 0 (1 blocks): attn.to_q" in report
     assert "BF16" in report and "slots:    fits" in report
 
-    over = cli("lora-info", str(lokr), cache_dir=cache_dir, FLUX2_MAX_LORA_RANK="16")
-    assert over.returncode == 1
-    assert "needs rank 32 as a LoRA" in over.stdout and "FLUX2_LYCORIS_TRUNCATE" in over.stdout
+
+def test_lora_info_says_why_the_server_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.cli import main
+
+    monkeypatch.setenv("FLUX2_MAX_LORA_RANK", "16")
+    assert main(["lora-info", str(_lokr(tmp_path / "style-lokr.safetensors", rank=8))]) == 1
+    out = capsys.readouterr().out
+    assert "slots:    refused" in out
+    assert "needs rank 32 as a LoRA" in out and "FLUX2_LYCORIS_TRUNCATE" in out

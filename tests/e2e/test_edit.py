@@ -16,7 +16,7 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 
 from pipeline.generation import pipeline_kwargs
-from pipeline.testing import load_tiny
+from pipeline.testing import linear_shapes, load_tiny, write_lora
 from server.schemas import Flux2EditInput
 from server.testing import LiveServer
 from tests.server.fetch.lora_server import LoraServer, Route
@@ -109,12 +109,34 @@ def test_a_generated_image_is_edited_by_its_own_url_read_from_disk(
     )
 
 
+def test_a_lora_edit_equals_diffusers_own_lora_loading(
+    live_server: LiveServer, cache_dir: Path, lora_folder: Path
+) -> None:
+    pipe = load_tiny(cache_dir)
+    shapes = linear_shapes(pipe.transformer)
+    lora = write_lora(lora_folder / "edit-style.safetensors", shapes, list(shapes), rank=4, seed=21)
+    original = photo(320, 256, seed=4)
+    body = {**EDIT, "image_urls": [data_uri(original)], "loras": [{"path": lora.name, "scale": 0.8}]}
+    response = httpx.post(f"{live_server.url}/fal-ai/flux-2/lora/edit", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    served = pixels(response.json()["images"][0]["url"]).astype(int)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], [0.8])
+    expected = direct(pipe, body, [original]).astype(int)
+    plain = direct(load_tiny(cache_dir), body, [original]).astype(int)
+    # The text-to-image tolerance (1e-4 on [0, 1] floats) is below one 8-bit level: at most one apart here.
+    assert np.abs(served - expected).max() <= 1
+    assert np.abs(expected - plain).max() > 10  # the LoRA does change the edit
+
+
 @pytest.mark.parametrize(
     ("reference", "says"),
     [
         ("data:image/png;base64,not*base64", "base64 is invalid"),
         ("data:image/png;base64," + base64.b64encode(b"hello, not an image").decode(), "not an image"),
         ("ftp://example.com/a.png", "must be an https:// or http:// URL"),
+        ("file:///etc/passwd", "must be an https:// or http:// URL"),
+        ("data:image/png;base64,", "the data: URI is empty"),
         ("http://127.0.0.1:9/x.png", "could not connect"),
         (data_uri(photo(40, 200)), "at least 64 pixels"),
         (data_uri(photo(1000, 100)), "aspect ratio must be at most 8:1"),

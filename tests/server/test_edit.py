@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import random
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,12 +56,15 @@ def test_references_reach_the_worker_decoded_and_scaled_and_go_when_done(
     )
     assert response.status_code == 200, response.text
     (job,) = small_refs.worker.submitted
-    assert [Path(file).suffix for file in job.images] == [".png", ".png"]
+    assert [Path(file).suffix for file in job.images] == [".ppm", ".ppm"]
     # The output takes the first reference's size, floored to multiples of 16 (the stand-in's rule).
     assert (response.json()["images"][0]["width"], response.json()["images"][0]["height"]) == (96, 80)
     files_dir = small_refs.services.settings.files_dir
     assert all(Path(file).parent == files_dir for file in job.images)
-    assert all(not Path(file).exists() for file in job.images)  # deleted with the request done
+    deadline = time.monotonic() + 10  # deleted in the background once the request is done
+    while any(Path(file).exists() for file in job.images) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(Path(file).exists() for file in job.images)
     assert lora_server.hits["/big.jpg"] == 1
 
 
@@ -173,3 +178,47 @@ def test_a_reference_that_drips_is_a_422_and_holds_nothing_else(
         wait_completed(h, submitted["status_url"], timeout=10)
         (error,) = h.client.get(submitted["response_url"]).json()["detail"]
         assert error["loc"] == ["body", "image_urls", 0] and "under the minimum" in error["msg"]
+
+
+def _bomb(side: int) -> str:
+    """A PNG claiming side x side pixels in a few bytes: a decompression bomb's header, as a data: URI."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+@pytest.mark.parametrize(
+    ("reference", "says"),
+    [
+        ("http://127.0.0.1:9/x.png", "non-public address 127.0.0.1"),
+        ("http://169.254.169.254/latest/meta-data/", "non-public address 169.254.169.254"),
+        ("file:///etc/passwd", "must be an https:// or http:// URL"),
+        (_bomb(30_000), "over the 64.0 megapixels limit"),
+    ],
+)
+def test_hostile_references_are_422s_and_the_server_goes_on(
+    harness: Harness, reference: str, says: str
+) -> None:
+    response = harness.client.post("/fal-ai/flux-2/edit", json=edit(image_urls=[reference]))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "image_urls", 0] and says in error["msg"], error["msg"]
+    assert (
+        harness.client.post("/fal-ai/flux-2/edit", json=edit(image_urls=[data_uri(64, 64)])).status_code
+        == 200
+    )
+
+
+def test_an_empty_download_is_a_422(small_refs: Harness, lora_server: LoraServer) -> None:
+    url = lora_server.serve("/empty.png", Route(b""))
+    (error,) = small_refs.client.post("/fal-ai/flux-2/edit", json=edit(image_urls=[url])).json()["detail"]
+    assert error["loc"] == ["body", "image_urls", 0] and "not an image" in error["msg"]

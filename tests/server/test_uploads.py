@@ -72,3 +72,9 @@ def test_uploads_over_the_cap_are_413_and_empty_ones_400(keyed: Harness) -> None
     assert client.put(upload_path, content=big).status_code == 413
     assert client.post("/files/upload", content=b"", headers=ALPHA).status_code == 400
     assert client.post("/files/upload", content=b"\0" * 99_000, headers=ALPHA).status_code == 200
+
+
+def test_a_100_mb_upload_is_refused_before_it_is_read(harness: Harness) -> None:
+    huge = b"\0" * (100 * 1024**2)
+    assert harness.client.post("/files/upload", content=huge).status_code == 413  # over the 64 MiB default
+    assert harness.client.get("/health").status_code == 200
