@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = ["measurement", "result", "vs none", "blocks run", "peak memory"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_reduced_run_measures_every_preset_compile_and_lora_switch(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"

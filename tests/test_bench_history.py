@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_reduced_run_reports_both_stores(tmp_path: Path) -> None:
     out = tmp_path / "history.json"

@@ -175,7 +175,7 @@ def test_compiled_presets_never_recompile(
             (lora,),
             references[1:3],
         ),
-        (replace(edit, num_images=2), (lora,), references),
+        (edit, (lora,), references),
         (replace(PARAMS, acceleration="high"), (), ()),
         (PARAMS, (), ()),
     ]
