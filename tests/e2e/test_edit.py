@@ -110,7 +110,7 @@ def test_a_generated_image_is_edited_by_its_own_url_read_from_disk(
 
 
 def test_a_lora_edit_equals_diffusers_own_lora_loading(
-    live_server: LiveServer, cache_dir: Path, lora_folder: Path
+    live_server: LiveServer, cache_dir: Path, lora_folder: Path, direct_pipeline: Flux2Pipeline
 ) -> None:
     pipe = load_tiny(cache_dir)
     shapes = linear_shapes(pipe.transformer)
@@ -123,7 +123,7 @@ def test_a_lora_edit_equals_diffusers_own_lora_loading(
     pipe.load_lora_weights(str(lora), adapter_name="style")
     pipe.set_adapters(["style"], [0.8])
     expected = direct(pipe, body, [original]).astype(int)
-    plain = direct(load_tiny(cache_dir), body, [original]).astype(int)
+    plain = direct(direct_pipeline, body, [original]).astype(int)
     # The text-to-image tolerance (1e-4 on [0, 1] floats) is below one 8-bit level: at most one apart here.
     assert np.abs(served - expected).max() <= 1
     assert np.abs(expected - plain).max() > 10  # the LoRA does change the edit

@@ -12,6 +12,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_concurrent_submits_lose_nothing(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
