@@ -16,6 +16,7 @@ from server.fetch.errors import FetchFailure, LoraSourceError, human_bytes
 from server.fetch.hub import hub_file
 from server.fetch.lora_paths import LoraPaths, LoraSource
 from server.fetch.safetensors_check import CheckedFile, sha256_file, validate_safetensors
+from server.fetch.tasks import cancel_and_collect
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,7 @@ class LoraFetcher:
         try:
             await asyncio.gather(*budget.tasks)
         except BaseException as exc:
-            for task in budget.tasks:
-                task.cancel()
-            await asyncio.gather(*budget.tasks, return_exceptions=True)
-            self.release(
-                [t.result() for t in budget.tasks if t.done() and not t.cancelled() and not t.exception()]
-            )
+            self.release(await cancel_and_collect(budget.tasks))
             if budget.error is not None and not isinstance(exc, LoraSourceError):
                 raise budget.error from None
             raise

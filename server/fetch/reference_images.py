@@ -26,6 +26,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from server.fetch.downloads import Downloader
 from server.fetch.errors import FetchFailure, human_bytes
 from server.fetch.image_decode import ImageProblem, decode_reference, encode_raw
+from server.fetch.tasks import cancel_and_collect
 from server.files import FileStore
 
 _DATA_URI = re.compile(r"^data:(?P<type>[^,;]*)(?P<params>(;[^,;]*)*?)(?P<base64>;base64)?,", re.IGNORECASE)
@@ -61,12 +62,7 @@ class ReferenceFetcher:
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.release(
-                [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
-            )
+            await self.release(await cancel_and_collect(tasks))
             raise
 
     async def release(self, stored: Sequence[Path]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from server.fetch.errors import LoraSourceError
 from server.fetch.lora_fetcher import LocalLora, LoraFetcher
 from server.fetch.reference_images import ReferenceFetcher, ReferenceImageError
+from server.fetch.tasks import cancel_and_collect
 from server.jobs import JobRecord
 from server.outcome import Outcome, input_error
 
@@ -68,13 +69,11 @@ class FetchStage:
 
     async def _drop(self, loras: asyncio.Task[list[LocalLora]], images: asyncio.Task[list[Path]]) -> None:
         """One half failed (or the request was withdrawn): stop the other, and let go of what it got."""
-        for task in (loras, images):
-            task.cancel()
-        await asyncio.gather(loras, images, return_exceptions=True)
-        if loras.done() and not loras.cancelled() and loras.exception() is None:
-            self.loras.release(loras.result())
-        if images.done() and not images.cancelled() and images.exception() is None:
-            await self.references.release(images.result())
+        images.cancel()  # both stop at once; their results are then collected one by one
+        for fetched in await cancel_and_collect([loras]):
+            self.loras.release(fetched)
+        for stored in await cancel_and_collect([images]):
+            await self.references.release(stored)
 
     def withdraw(self, record: JobRecord) -> bool:
         """Stop fetching for a request that will not run; False if it was not being fetched."""
