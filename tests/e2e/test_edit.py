@@ -84,8 +84,7 @@ def test_queued_lora_edit_with_two_downloaded_references_and_image_size(
         assert submitted.status_code == 200, submitted.text
         result = _wait_result(submitted.json()["response_url"])
     finally:
-        server.httpd.shutdown()
-        server.httpd.server_close()
+        server.close()
     (image,) = result["images"]
     assert (image["width"], image["height"]) == (512, 512)
     decoded = [Image.open(io.BytesIO(files[path])).convert("RGB") for path in ("/a.jpg", "/b.png")]

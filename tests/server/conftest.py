@@ -78,8 +78,7 @@ def lora_server() -> Iterator[LoraServer]:
     """LoRA files served on loopback, scripted per path."""
     server = LoraServer()
     yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    server.close()
 
 
 @pytest.fixture

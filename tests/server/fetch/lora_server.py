@@ -94,6 +94,10 @@ class LoraServer:
         self.routes[path] = route
         return self.url(path)
 
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
 
 def lora_bytes(tmp_path: Path, seed: int, n: int = 16) -> bytes:
     """A small valid safetensors file, distinct per seed."""
