@@ -19,8 +19,10 @@ one class share their compiled graphs (modules' parameters are graph inputs), as
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -40,6 +42,20 @@ _FLASH_BACKENDS = ("_flash_3", "flash")
 _CACHE_INTERVAL = 3
 _FULL_STEPS_AT_END = 2
 _MIN_FULL_STEPS_AT_START = 3
+
+
+def keep_compiled_code_in(cache_dir: Path) -> Path:
+    """Inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) go under the server's
+    cache folder instead of /tmp: a restart, or a container whose image or volume carries the folder, loads
+    the compiled code instead of generating it again (dynamo still traces; inductor's code generation and
+    the C++/Triton builds are what it saves). An operator's own TORCHINDUCTOR_CACHE_DIR is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing torch's libraries writes /tmp's default into the variable: that one is not an operator's.
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "torch-compile")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def step_cache_config(steps: int) -> TaylorSeerCacheConfig | None:

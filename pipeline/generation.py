@@ -16,6 +16,7 @@ from pipeline.acceleration import PRESETS, Accelerator, Preset
 from pipeline.errors import Cancelled, InvalidInput
 from pipeline.images import encode_image
 from pipeline.lora_cache import LoraMemoryCache
+from pipeline.lora_device_tier import LoraDeviceTier
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
 from pipeline.lycoris import LycorisPolicy
@@ -90,12 +91,15 @@ class ImageGenerator:
         prompt_cache: PromptEmbeddingCache | None = None,
         accelerator: Accelerator | None = None,
         lycoris_truncate: bool = False,
+        lora_device_bytes: int = 0,
     ) -> None:
         self.pipe = pipe
         self.accelerator = accelerator or Accelerator(pipe.transformer)
         self.prompt_cache = prompt_cache or PromptEmbeddingCache(max_bytes=0)
         self.slots = slots
         self.lora_cache = lora_cache
+        # Recently used LoRAs on the slots' device too (0 bytes: none), ahead of the host-memory cache.
+        self.lora_tier = LoraDeviceTier(lora_device_bytes, slots.device, slots.dtype)
         self.safety = safety
         self.lycoris = LycorisPolicy(slots.max_rank, lycoris_truncate)
         self.last_lora_switch_seconds = 0.0
@@ -156,12 +160,13 @@ class ImageGenerator:
 
     def _parsed(self, index: int, lora: ResolvedLora) -> ParsedLora:
         try:
-            return self.lora_cache.get(
+            parsed = self.lora_cache.get(
                 lora.sha256, lambda: _pinned(read_lora_file(Path(lora.file), lora.source, self.lycoris))
             )
         except LoraFitError as exc:
             exc.index = index
             raise
+        return self.lora_tier.resident(lora.sha256, parsed)
 
     def warm_up(self, sizes: tuple[tuple[int, int], ...]) -> None:
         """Build the compiled graphs now rather than on the first requests: one denoising step at each

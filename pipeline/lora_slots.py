@@ -8,6 +8,9 @@ slots are always active with scaling 1.0; an empty slot has lora_A = lora_B = 0 
 Loading a LoRA copies its A into the first r rows of the slot's A and `B * alpha / r * scale` into the first
 r columns of the slot's B: the zero padding contributes exact zeros, and folding the strengths into B keeps
 the module structure, the parameter objects and every scaling value fixed, so a compiled graph stays valid.
+Each slot remembers how many leading rows it holds per module, so a switch writes the new LoRA's rows and
+zeroes only the old rows those do not overwrite, never the whole slot: a switch among rank-16 LoRAs in
+rank-128 slots touches their 16 rows on their own modules, not 128 rows on every Linear.
 """
 
 from __future__ import annotations
@@ -137,13 +140,27 @@ class LoraSlots:
             raise ValueError(f"peft did not wrap these Linear modules: {', '.join(missing[:_SHOWN])}")
         self.loaded: list[tuple[str, float] | None] = [None] * num_slots
         """What each slot holds: (LoRA name, scale), or None when empty."""
+        self._ranks: list[dict[str, int]] = [{} for _ in self.slot_names]
+        """Per slot, {module: r} where its leading r rows of A and columns of B may be non-zero (the rank
+        last written there); every other row and column is zero."""
         for index in range(num_slots):
-            self._empty(index)  # peft initialises A randomly; an empty slot is all zeros
+            self._zero(index)  # peft initialises A randomly; an empty slot is all zeros
         self._activate()
 
     @property
     def target_modules(self) -> tuple[str, ...]:
         return tuple(self._features)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the slots live: a LoRA's weights copy into them fastest from there."""
+        return next(iter(self._params[0].values()))[0].device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The slots' dtype; None when peft chose different ones for different layers."""
+        dtypes = {param.dtype for slot in self._params for pair in slot.values() for param in pair}
+        return dtypes.pop() if len(dtypes) == 1 else None
 
     def scalings(self) -> list[float]:
         """Every slot's scaling on every layer: always 1.0 (strengths live in lora_B)."""
@@ -172,10 +189,16 @@ class LoraSlots:
 
     def _empty(self, slot: int) -> None:
         self._check_slot(slot)
+        self._write(slot, ())
+        self.loaded[slot] = None
+
+    def _zero(self, slot: int) -> None:
+        """Zeroes all of a slot, whatever it holds: peft's random A, or part of a LoRA after a failure."""
         with torch.no_grad():
             for lora_A, lora_B in self._params[slot].values():
                 lora_A.zero_()
                 lora_B.zero_()
+        self._ranks[slot] = {}
         self.loaded[slot] = None
 
     def apply(self, loras: Sequence[tuple[ParsedLora, float]]) -> None:
@@ -270,17 +293,22 @@ class LoraSlots:
         return writes
 
     def _write(self, slot: int, writes: Sequence[_Write]) -> None:
-        """Zeroes the slot, then copies each module's A and scaled B into the leading rank rows/columns.
+        """Copies each module's A and scaled B into the leading rank rows/columns and zeroes the rows the
+        slot's previous content used beyond them: the slot then holds exactly these writes.
 
         Copies from pinned memory are queued without waiting (the next kernel on the stream waits for
         them). A failure part way (out of memory, say) empties the slot: half of a LoRA is never left in it.
         """
         params = self._params[slot]
+        ranks = {write.module: write.lora_A.shape[0] for write in writes}
         try:
             with torch.no_grad():
-                for lora_A, lora_B in params.values():
-                    lora_A.zero_()
-                    lora_B.zero_()
+                for module, old_rank in self._ranks[slot].items():
+                    rank = ranks.get(module, 0)
+                    if old_rank > rank:
+                        slot_A, slot_B = params[module]
+                        slot_A[rank:old_rank].zero_()
+                        slot_B[:, rank:old_rank].zero_()
                 for write in writes:
                     slot_A, slot_B = params[write.module]
                     rank = write.lora_A.shape[0]
@@ -289,8 +317,9 @@ class LoraSlots:
                     source_B = write.lora_B.to(device=slot_B.device, non_blocking=True)
                     slot_B[:, :rank].copy_(source_B.to(torch.float32) * write.factor)
         except BaseException:
-            self._empty(slot)
+            self._zero(slot)
             raise
+        self._ranks[slot] = ranks
 
 
 def _listing(names: Sequence[str]) -> str:

@@ -26,6 +26,7 @@ class WorkerConfig:
     lora_slots: int = 3
     max_lora_rank: int = 128
     lora_memory_bytes: int = 8 * 1024**3  # parsed LoRAs kept in CPU memory
+    lora_device_bytes: int | None = None  # ... and on the GPU; None: what the memory profile leaves free
     prompt_cache_bytes: int = 1024**3  # text-encoder outputs kept on the device
     compile: bool | None = None  # compile the transformer's blocks for `regular`/`high`; None: on CUDA only
     warmup_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) compiled for at startup
@@ -92,8 +93,13 @@ class WorkerReady:
     dtype: str
     load_seconds: float  # loading, compiling and warming up
     compiled: bool = False  # `regular` and `high` run compiled blocks
+    compile_seconds: float = 0.0  # compiling and warming up, part of load_seconds
+    compiled_graphs_reused: int = 0  # graphs loaded from the compile cache (a warm restart) instead of built
     attention_backend: str = "native"
     memory_profile: str = "full"
+    # Bytes held, accounted (pipeline/memory.py): each component's weights as held, the LoRA slots, and the
+    # prompt cache's budget.
+    memory: tuple[tuple[str, int], ...] = ()
     pid: int = 0  # the worker's process id (to inspect a worker that hangs)
 
 

@@ -138,7 +138,9 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _processor() -> PixtralProcessor:
+def processor() -> PixtralProcessor:
+    """The tiny model's processor: Mistral's control tokens and chat template over a byte-level vocabulary
+    (scripts/gpu_check pairs it with the real model too: token ids are all a text encoder sees)."""
     image_processor = PixtralImageProcessor(
         size={"longest_edge": _IMAGE_LONGEST_EDGE},
         patch_size={"height": _VISION_PATCH * _SPATIAL_MERGE, "width": _VISION_PATCH * _SPATIAL_MERGE},
@@ -247,17 +249,17 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 def build_tiny_pipeline(folder: Path, seed: int = 0) -> None:
     """Write a complete tiny pipeline into `folder`; the same seed always gives the same weights."""
-    processor = _processor()
+    tokenizer = processor()
     # fork_rng: building must not disturb the caller's global RNG stream (a test that seeded torch, say).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # Typed as Any: Flux2Pipeline's hints name diffusers' dummy scheduler class and AutoProcessor.
         components: dict[str, Any] = {
-            "text_encoder": _text_encoder(len(processor.tokenizer)),
+            "text_encoder": _text_encoder(len(tokenizer.tokenizer)),
             "transformer": _transformer(),
             "vae": _vae(),
             "scheduler": _scheduler(),
-            "tokenizer": processor,
+            "tokenizer": tokenizer,
         }
     Flux2Pipeline(**components).save_pretrained(folder)
 

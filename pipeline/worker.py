@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from multiprocessing.sharedctypes import SynchronizedString
 
     from pipeline.generation import CancelCheck, ImageGenerator, NoteCallback, StepCallback
+    from pipeline.loading import LoadedPipeline
     from pipeline.models import HubModel, TinyModel
+    from pipeline.safety import SafetyChecker
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,7 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     """Load the model with its LoRA slots: the worker's start, and `flux2-server generate`'s."""
     import torch
 
-    from pipeline.acceleration import Accelerator, choose_attention_backend
-    from pipeline.generation import ImageGenerator
     from pipeline.loading import load_pipeline
-    from pipeline.lora_cache import LoraMemoryCache
-    from pipeline.lora_slots import LoraSlots
-    from pipeline.prompt_cache import PromptEmbeddingCache
     from pipeline.safety import SafetyChecker
 
     registry = config.registry
@@ -68,8 +65,26 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
     )
     started = time.perf_counter()
     loaded = load_pipeline(spec, config.cache_dir, config.memory_profile)
+    safety = SafetyChecker(spec.safety_checker, config.cache_dir, loaded.device)
+    return prepare_generator(spec.name, loaded, safety, config, started)
+
+
+def prepare_generator(
+    model: str, loaded: LoadedPipeline, safety: SafetyChecker, config: WorkerConfig, started: float
+) -> tuple[ImageGenerator, WorkerReady]:
+    """Everything the worker sets up on a loaded pipeline: LoRA slots and tiers, caches, the compiled and
+    warmed-up presets, the memory account. `scripts/gpu_check` runs it on a random-weight model."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from pipeline.acceleration import Accelerator, choose_attention_backend, keep_compiled_code_in
+    from pipeline.generation import ImageGenerator
+    from pipeline.lora_cache import LoraMemoryCache
+    from pipeline.lora_slots import LoraSlots
+    from pipeline.memory import held_account, lora_device_budget
+    from pipeline.prompt_cache import PromptEmbeddingCache
+
     pipe, device = loaded.pipe, loaded.device
-    safety = SafetyChecker(spec.safety_checker, config.cache_dir, device)
     compile_blocks = device.type == "cuda" if config.compile is None else config.compile
     # Compiled: every slot stays active, so swaps never change the graph; eager: empty slots are skipped.
     slots = LoraSlots(
@@ -79,6 +94,9 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         skip_empty=not compile_blocks,
         dtype=loaded.dtype,
     )
+    device_tier = config.lora_device_bytes
+    if device_tier is None:
+        device_tier = lora_device_budget(device, loaded.profile)
     accelerator = Accelerator(pipe.transformer)
     accelerator.set_attention_backend(choose_attention_backend(device, config.attention_backend))
     generator = ImageGenerator(
@@ -89,21 +107,44 @@ def load_generator(config: WorkerConfig) -> tuple[ImageGenerator, WorkerReady]:
         PromptEmbeddingCache(config.prompt_cache_bytes),
         accelerator,
         lycoris_truncate=config.lycoris_truncate,
+        lora_device_bytes=device_tier,
     )
+    compile_seconds, reused = 0.0, 0
     if compile_blocks:
+        compiled_code = keep_compiled_code_in(config.cache_dir)
+        hits_before = counters["inductor"]["fxgraph_cache_hit"]
         # After the slots exist: slot swaps only change parameter data, so these graphs are the last.
         accelerator.compile()
         compile_started = time.perf_counter()
         generator.warm_up(config.warmup_sizes)
-        log.info("compiled and warmed up in %.1f s", time.perf_counter() - compile_started)
+        compile_seconds = time.perf_counter() - compile_started
+        reused = counters["inductor"]["fxgraph_cache_hit"] - hits_before
+        log.info(
+            "compiled and warmed up in %.1f s (%d graphs loaded from %s)",
+            compile_seconds,
+            reused,
+            compiled_code,
+        )
+    components = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    held = held_account(
+        {**components, "safety_checker": safety.model}, loaded.profile, config.prompt_cache_bytes
+    )
     ready = WorkerReady(
-        model=spec.name,
+        model=model,
         device=str(device),
-        dtype=spec.dtype,
+        dtype=str(loaded.dtype).removeprefix("torch."),
         load_seconds=time.perf_counter() - started,
         compiled=compile_blocks,
+        compile_seconds=compile_seconds,
+        compiled_graphs_reused=reused,
         attention_backend=accelerator.attention_backend,
         memory_profile=loaded.profile.name,
+        memory=(
+            *held.weights.items(),
+            ("lora_slots", held.lora_slots),
+            ("lora_device_cache", device_tier),
+            ("prompt_cache", held.prompt_cache),
+        ),
         pid=os.getpid(),
     )
     return generator, ready

@@ -11,8 +11,12 @@ Section 2, the real FLUX.2-dev layer shapes without the base model: a random ran
 attention and feed-forward Linear of every block (diffusers format, written to a temp dir and deleted), timed
 through safetensors loading, the project's parse/convert, validation, and the copy into one rank-128 bf16
 slot; plus `LoraSlots.apply` itself on a real-shaped transformer cut down to one block of each kind.
+Section 3, the same cut-down transformer with three bf16 rank-128 slots, switches interleaved: three rank-64
+LoRAs from the host-memory cache vs from the device tier (on CPU the "device" is host memory too, so only
+the conversion done once on entry shows: float32 files gain, bf16 ones cannot), and three rank-16 LoRAs with
+every slot zeroed first (as before) vs only the rows they use written.
 
-    .venv/bin/python scripts/bench_lora.py [-n 30] [--real-n 3] [--real-blocks N]
+    .venv/bin/python scripts/bench_lora.py [-n 30] [--real-n 3] [--real-blocks N] [--tier-n 20]
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 
-from pipeline.lora_cache import LoraMemoryCache
+from pipeline.lora_cache import LoraMemoryCache, lora_bytes
+from pipeline.lora_device_tier import LoraDeviceTier
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraSlots, ParsedLora
 from pipeline.testing import linear_shapes, load_tiny, render, write_lora
@@ -287,6 +292,13 @@ class Rows:
     def measure(self, name: str, mb: float, call: Callable[[], object]) -> None:
         self.rows.setdefault(name, ([], mb))[0].append(stopwatch(call))
 
+    def print_table(self) -> None:
+        print(f"{'step':48} {'median ms':>10} {'min ms':>8} {'MB':>8} {'GB/s':>7}")
+        for name, (samples, mb) in self.rows.items():
+            median = statistics.median(samples)
+            ms = f"{median * 1e3:10.1f} {min(samples) * 1e3:8.1f}"
+            print(f"{name:48} {ms} {mb:8.0f} {mb / 1024 / median:7.2f}")
+
 
 def time_real_lora(rows: Rows, n: int, path: Path, slot: Slot, slot_mb: float) -> ParsedLora:
     file_mb = path.stat().st_size / MB
@@ -307,16 +319,22 @@ def time_real_lora(rows: Rows, n: int, path: Path, slot: Slot, slot_mb: float) -
     return parsed
 
 
-def time_slots_on_real_model(rows: Rows, n: int, parsed: ParsedLora) -> str:
-    """LoraSlots itself on FLUX.2-dev shapes: a bf16 transformer cut to one block of each kind (2.3 B
-    parameters, allocated with to_empty and never initialised: only its LoRA slots are touched), and the
-    LoRA's modules of block 0. Returns the slots' dtype."""
+def one_block_model() -> Flux2Transformer2DModel:
+    """FLUX.2-dev's transformer in bf16, cut to one block of each kind (2.3 B parameters, allocated with
+    to_empty and never initialised: only its LoRA slots are touched)."""
     with torch.device("meta"):
         model = Flux2Transformer2DModel(num_layers=1, num_single_layers=1)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its advice on float32 modules concerns loading, not this
-    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    allocated: Flux2Transformer2DModel = model.to(torch.bfloat16).to_empty(device="cpu")
     diffusers_logging.set_verbosity(verbosity)
+    return allocated
+
+
+def time_slots_on_real_model(rows: Rows, n: int, parsed: ParsedLora) -> str:
+    """LoraSlots itself on FLUX.2-dev shapes (`one_block_model`) with the LoRA's modules of block 0.
+    Returns the slots' dtype."""
+    model = one_block_model()
     emulated = plain_slot(linear_shapes(model))
     subset = ParsedLora(
         name="rank64, block 0 of each kind",
@@ -334,7 +352,7 @@ def time_slots_on_real_model(rows: Rows, n: int, parsed: ParsedLora) -> str:
         for _ in range(n):
             rows.measure(name, lora_mb, partial(slots.apply, [(subset, 1.0)]))
         dtype = str(next(iter(slots._params[0].values()))[0].dtype)
-        model.unload_lora()  # LoraSlots must own every adapter of a model: start the next one bare
+        model.unload_lora()  # type: ignore[no-untyped-call]  # LoraSlots must own every adapter of a model: start the next one bare
 
     for _ in range(n):
         rows.measure("  same model: the write alone, emulated", lora_mb, partial(write_slot, emulated, pairs))
@@ -363,10 +381,111 @@ def real_section(n: int, blocks: int | None, work: Path) -> None:
         f"   file {file_mb:.0f} MB (random weights written in {written:.1f} s, read from the page cache);"
         f" one rank-{SLOT_RANK} slot on all {len(every)} Linears {slot_mb:.0f} MB; LoraSlots dtype {dtype}"
     )
-    print(f"{'step':48} {'median ms':>10} {'min ms':>8} {'MB':>8} {'GB/s':>7}")
-    for name, (samples, mb) in rows.rows.items():
-        median = statistics.median(samples)
-        print(f"{name:48} {median * 1e3:10.1f} {min(samples) * 1e3:8.1f} {mb:8.0f} {mb / 1024 / median:7.2f}")
+    rows.print_table()
+
+
+# ------------------------------------------------------------------------ device tier and rank rows (CPU)
+
+Switch = Callable[[Sequence[str]], object]
+
+
+def random_lora(
+    name: str, shapes: Mapping[str, tuple[int, int]], rank: int, dtype: torch.dtype, seed: int
+) -> ParsedLora:
+    """A LoRA as `read_lora_file` leaves one: prefixed keys, alphas (alpha / rank = 0.5), checked finite."""
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for module, (in_features, out_features) in shapes.items():
+        key = f"transformer.{module}"
+        state[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator).to(dtype)
+        state[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator).to(dtype)
+        state[f"{key}.alpha"] = torch.tensor(rank / 2)
+    return ParsedLora(name, state, finite=True)
+
+
+def tier_section(n: int) -> None:
+    model = one_block_model()
+    shapes = {m: s for m, s in linear_shapes(model).items() if FIRST_BLOCK.match(m)}
+    slots = LoraSlots(model, num_slots=3, max_rank=SLOT_RANK, skip_empty=False, dtype=torch.bfloat16)
+    memory = LoraMemoryCache(max_bytes=8 * 1024**3)
+    tier = LoraDeviceTier(8 * 1024**3, slots.device, slots.dtype)
+    scales = (1.0, 0.8, -0.6)
+    made = iter(range(10**9))
+
+    def two_sets(rank: int, dtype: torch.dtype) -> tuple[list[str], list[str]]:
+        """Two sets of three LoRAs, in the memory cache: alternated, every switch changes every slot."""
+        first, second = ([f"rank {rank} {dtype} {s}{i}" for i in range(3)] for s in "AB")
+        for name in first + second:
+            memory.get(name, partial(random_lora, name, shapes, rank, dtype, next(made)))
+        return first, second
+
+    def from_memory(names: Sequence[str]) -> list[tuple[ParsedLora, float]]:
+        # Every one is a hit: `make` is never called.
+        return [(memory.get(n, partial(ParsedLora, n, {})), s) for n, s in zip(names, scales, strict=True)]
+
+    def from_tier(names: Sequence[str]) -> list[tuple[ParsedLora, float]]:
+        return [(tier.resident(lora.name, lora), scale) for lora, scale in from_memory(names)]
+
+    def every_slot_zeroed_first(names: Sequence[str]) -> None:
+        """The write as it was: each slot zeroed whole, then the LoRAs copied in."""
+        with torch.no_grad():
+            for slot in slots._params:
+                for slot_A, slot_B in slot.values():
+                    slot_A.zero_()
+                    slot_B.zero_()
+        slots.apply(from_memory(names))
+
+    def mb(loras: Sequence[tuple[ParsedLora, float]]) -> float:
+        return sum(lora_bytes(lora) for lora, _ in loras) / MB
+
+    def slot_contents() -> list[torch.Tensor]:
+        return [param for slot in slots._params for pair in slot.values() for param in pair]
+
+    slot_mb = sum(param.nbytes for param in slot_contents()) / MB
+    paths: dict[str, tuple[float, tuple[list[str], list[str]], Switch]] = {}
+    pairs: list[tuple[str, str]] = []  # (before, after) compared below
+    for dtype in (torch.bfloat16, torch.float32):
+        sets = two_sets(REAL_RANK, dtype)
+        kind = f"3 x rank {REAL_RANK} {str(dtype).removeprefix('torch.')}"
+        host_mb, tier_mb = mb(from_memory(sets[0])), mb(from_tier(sets[0]) + from_tier(sets[1]))  # fills it
+        paths[f"{kind}: host-memory hit"] = (host_mb, sets, lambda ns: slots.apply(from_memory(ns)))
+        paths[f"{kind}: device-tier hit"] = (tier_mb / 2, sets, lambda ns: slots.apply(from_tier(ns)))
+        pairs.append((f"{kind}: host-memory hit", f"{kind}: device-tier hit"))
+    narrow = two_sets(16, torch.bfloat16)
+    used_mb = mb(from_memory(narrow[0]))  # bf16 in memory as in the slots: the bytes the copy writes
+    paths["3 x rank 16: every slot zeroed, then written"] = (
+        slot_mb + used_mb,
+        narrow,
+        every_slot_zeroed_first,
+    )
+    paths["3 x rank 16: only the rows they use"] = (used_mb, narrow, lambda ns: slots.apply(from_memory(ns)))
+    pairs.append(("3 x rank 16: every slot zeroed, then written", "3 x rank 16: only the rows they use"))
+
+    # Sanity: a tier hit writes the bits a host-memory hit writes (float32 LoRAs: A converted on entry).
+    slots.apply(from_memory(sets[1]))
+    from_host = [param.clone() for param in slot_contents()]
+    slots.apply(from_tier(sets[0]))
+    slots.apply(from_tier(sets[1]))
+    identical = all(torch.equal(p, q) for p, q in zip(from_host, slot_contents(), strict=True))
+    del from_host
+
+    rows = Rows()
+    for i in range(n + 1):  # the first round is a warm-up
+        for name, (size_mb, sets, switch) in paths.items():
+            if i:
+                rows.measure(name, size_mb, partial(switch, sets[i % 2]))
+            else:
+                switch(sets[0])
+    print(
+        f"\n3. Switch tiers and rank rows: {len(shapes)} modules of FLUX.2-dev's block 0 of each kind; 3 bf16"
+        f" rank-{SLOT_RANK} slots on all {len(slots.target_modules)} Linears ({slot_mb:.0f} MB); {n} switches"
+        f" a path, {torch.get_num_threads()} CPU threads; the device tier is host memory here"
+    )
+    print(f"   tier hit vs host-memory hit, slot contents: {'identical' if identical else 'DIFFERENT'} bits")
+    rows.print_table()
+    median = {name: statistics.median(samples) for name, (samples, _) in rows.rows.items()}
+    for before, after in pairs:
+        print(f"{after} / {before.split(': ')[1]}: {median[after] / median[before]:.2f}x")
 
 
 def main() -> None:
@@ -375,6 +494,7 @@ def main() -> None:
     )
     parser.add_argument("-n", type=int, default=30, help="switches per path on the tiny model")
     parser.add_argument("--real-n", type=int, default=3, help="runs per step with the real shapes")
+    parser.add_argument("--tier-n", type=int, default=20, help="switches per path in the tier section")
     parser.add_argument(
         "--real-blocks",
         type=int,
@@ -385,6 +505,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as work:
         tiny_section(args.n, Path(work))
         real_section(args.real_n, args.real_blocks, Path(work))
+    tier_section(args.tier_n)
 
 
 if __name__ == "__main__":

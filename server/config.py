@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     lora_request_max_bytes: int = 5 * 1024**3  # all of one request's LoRAs together, as fal
     lora_cache_max_bytes: int = 50 * 1024**3  # downloaded LoRA files on disk
     lora_memory_max_bytes: int = 8 * 1024**3  # parsed LoRAs held in the worker's memory
+    # Recently used LoRAs also kept on the GPU (switches among them are device copies); unset: half of
+    # what the memory profile leaves free on the card, none with offload or on a CPU.
+    lora_device_max_bytes: int | None = None
     download_deadline_seconds: float = 1800.0  # a LoRA download must end within this (from its turn)
     download_min_bytes_per_second: int = 32 * 1024  # ... and move at least this fast over each window
     download_rate_window_seconds: float = 30.0
@@ -184,6 +187,7 @@ class Settings(BaseSettings):
             self.cache_dir,
             max_lora_rank=self.max_lora_rank,
             lora_memory_bytes=self.lora_memory_max_bytes,
+            lora_device_bytes=self.lora_device_max_bytes,
             prompt_cache_bytes=self.prompt_cache_max_bytes,
             compile=self.compile,
             warmup_sizes=tuple(dict.fromkeys(PRESET_SIZES.values())),

@@ -221,8 +221,11 @@ class ReadyBody(BaseModel):
     device: str | None
     dtype: str | None
     compiled: bool | None  # `regular` and `high` run compiled transformer blocks
+    compile_seconds: float | None  # compiling and warming up at start
+    compiled_graphs_reused: int | None  # graphs the compile cache held (a warm restart), not built again
     attention_backend: str | None
     memory_profile: str | None  # how the weights are held (models.yaml `memory_profiles`)
+    memory_bytes: dict[str, int] | None  # accounted: weights per component as held, LoRA slots, prompt cache
     worker_pid: int | None  # the ready worker's process id
     queue_depth: int
     worker_restarts: int

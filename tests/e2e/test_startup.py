@@ -95,6 +95,19 @@ def test_ready_describes_the_loaded_worker(live_server: LiveServer) -> None:
     assert body["ready"] and (body["model"], body["device"], body["dtype"]) == ("tiny", "cpu", "float32")
     # A CPU server runs eager unless FLUX2_COMPILE=true: CPU compiles cost more than they save
     assert (body["compiled"], body["attention_backend"], body["memory_profile"]) == (False, "native", "full")
+    assert (body["compile_seconds"], body["compiled_graphs_reused"]) == (0.0, 0)
+    # What the worker holds, accounted (pipeline/memory.py; exactness is tested on the worker's side)
+    memory = body["memory_bytes"]
+    assert set(memory) == {
+        "transformer",
+        "text_encoder",
+        "vae",
+        "safety_checker",
+        "lora_slots",
+        "lora_device_cache",
+        "prompt_cache",
+    }
+    assert memory["lora_slots"] > 0 and memory["lora_device_cache"] == 0  # no device tier on a CPU
 
 
 def test_a_damaged_job_store_stops_the_start_naming_the_file(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from peft.utils import get_peft_model_state_dict
 
 from pipeline.lora_formats import read_lora_file
 from pipeline.lora_slots import LoraFitError, LoraSlots, ParsedLora
-from pipeline.testing import load_tiny, render
+from pipeline.testing import linear_shapes, load_tiny, render
 from pipeline.tiny import ensure_tiny_pipeline
 
 # Tolerance for images in [0, 1] that must agree up to float32 rounding. The slots compute
@@ -360,6 +360,7 @@ def test_a_write_that_fails_part_way_empties_the_slot(
     monkeypatch.undo()
     assert slots.loaded[0] is None  # not still reported as "a", nor holding a piece of "c"
     assert all(not p.any() for pair in slots._params[0].values() for p in pair)
+    assert slots._ranks[0] == {}  # and the next write knows that it has nothing to zero
     assert slots.loaded[1] == (parsed["b"].name, 0.5)  # the write never reached slot 1
 
 
@@ -418,3 +419,73 @@ def test_skipping_empty_slots_changes_no_bit(
         always.apply(loras)
         assert active_adapters(slotted.pipe) == {f"slot{i}" for i in range(len(chosen))}
         assert np.array_equal(render(slotted.pipe), render(all_active)), chosen
+
+
+@pytest.fixture
+def bare_slots(folder: Path) -> LoraSlots:
+    """Two slots on a transformer of their own (no pipeline, nothing rendered): cheap to make and to spoil."""
+    return LoraSlots(
+        Flux2Transformer2DModel.from_pretrained(folder / "transformer"), num_slots=2, max_rank=128
+    )
+
+
+def expected_slot(
+    slots: LoraSlots, lora: dict[str, torch.Tensor] | None, scale: float = 1.0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What a slot must hold, built independently: zeros, then A and B * scale (alpha = rank) in the LoRA's
+    leading rows and columns."""
+    expected = {}
+    for module, (slot_A, slot_B) in slots._params[0].items():
+        want_A, want_B = torch.zeros_like(slot_A), torch.zeros_like(slot_B)
+        lora_A = (lora or {}).get(f"transformer.{module}.lora_A.weight")
+        if lora is not None and lora_A is not None:
+            rank = lora_A.shape[0]
+            want_A[:rank] = lora_A
+            want_B[:, :rank] = lora[f"transformer.{module}.lora_B.weight"] * scale
+        expected[module] = (want_A, want_B)
+    return expected
+
+
+def test_switches_between_ranks_and_module_sets_leave_exactly_the_new_loras(bare_slots: LoraSlots) -> None:
+    """Only the rows the old content used beyond the new are zeroed: still every bit as a fresh slot's."""
+    shapes = linear_shapes(bare_slots._transformer)
+    modules = list(shapes)
+    wide = lora_for(shapes, rank=64)
+    narrow = lora_for({m: shapes[m] for m in modules[::2]}, rank=16)
+    other = lora_for({m: shapes[m] for m in modules[1::3]}, rank=32)
+    steps: list[list[tuple[dict[str, torch.Tensor], float]]] = [
+        [(wide, 0.7), (narrow, 1.0)],
+        [(narrow, -1.3)],  # slot 0: rank 64 -> 16 on half the modules; slot 1 emptied
+        [(other, 2.0), (wide, 0.5)],  # slot 0: other modules, rank 32; slot 1: empty -> rank 64
+        [(other, 2.0), (wide, 0.5)],  # the same again: nothing to zero
+        [],
+    ]
+    for step, loras in enumerate(steps):
+        bare_slots.apply([(ParsedLora(f"lora {i}", lora), scale) for i, (lora, scale) in enumerate(loras)])
+        for slot in range(bare_slots.num_slots):
+            lora, scale = loras[slot] if slot < len(loras) else (None, 1.0)
+            for module, want in expected_slot(bare_slots, lora, scale).items():
+                for got, expected in zip(bare_slots._params[slot][module], want, strict=True):
+                    assert torch.equal(got, expected), (step, slot, module)
+
+
+def test_a_switch_leaves_rows_no_lora_used_untouched(bare_slots: LoraSlots) -> None:
+    """Rows beyond what the old and the new LoRA use are never written: poisoned, they stay poisoned."""
+    sentinel = 7.0
+    shapes = linear_shapes(bare_slots._transformer)
+    wide = lora_for(shapes, rank=64)
+    narrow = lora_for({m: shapes[m] for m in list(shapes)[::2]}, rank=16)
+    bare_slots.load(0, wide, 1.0, "wide")
+    with torch.no_grad():
+        for slot_A, slot_B in bare_slots._params[0].values():
+            slot_A[64:] = sentinel
+            slot_B[:, 64:] = sentinel
+    for lora in (narrow, None):  # rank 64 -> 16 on half the modules, then emptied
+        if lora is None:
+            bare_slots.clear(0)
+        else:
+            bare_slots.load(0, lora, 1.0, "narrow")
+        for module, (want_A, want_B) in expected_slot(bare_slots, lora).items():
+            slot_A, slot_B = bare_slots._params[0][module]
+            assert torch.equal(slot_A[:64], want_A[:64]) and torch.equal(slot_B[:, :64], want_B[:, :64])
+            assert (slot_A[64:] == sentinel).all() and (slot_B[:, 64:] == sentinel).all(), module

@@ -17,9 +17,11 @@ from torch._dynamo.utils import counters
 
 from pipeline.generation import ImageGenerator
 from pipeline.loading import load_pipeline
+from pipeline.memory import account, held_account, module_bytes
 from pipeline.messages import GenerationParams, Job, ResolvedLora, WorkerConfig
 from pipeline.models import ConfigError, Registry, load_registry
-from pipeline.testing import linear_shapes, write_lora
+from pipeline.testing import linear_shapes, load_tiny, write_lora
+from pipeline.tiny import ensure_tiny_pipeline
 from pipeline.worker import load_generator
 
 PARAMS = GenerationParams(
@@ -121,3 +123,20 @@ def test_int8_profile(registry: Registry, cache_dir: Path) -> None:
 def test_nf4_needs_cuda(registry: Registry, cache_dir: Path) -> None:
     with pytest.raises(ConfigError, match="'nf4': 4-bit \\(nf4\\) weights need a CUDA GPU"):
         load_pipeline(registry.get("tiny"), cache_dir, "nf4")
+
+
+def test_fp8_weights_are_held_as_their_account_says(
+    fp8: tuple[ImageGenerator, int], registry: Registry, cache_dir: Path
+) -> None:
+    """torchao quantizing the loaded model and torchao quantizing the meta-device model from its configs
+    (pipeline/memory.py) give the same bytes, component by component: FLUX.2 [dev]'s FP8 account is exact."""
+    pipe = fp8[0].pipe
+    profile = registry.get("tiny").memory_profiles["fp8"]
+    held = held_account(
+        {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}, profile, 0
+    )
+    expected = account(ensure_tiny_pipeline(cache_dir / "tiny"), profile, dtype=torch.bfloat16, lora_rank=8)
+    assert held.weights == expected.weights
+    assert held.lora_slots == expected.lora_slots
+    # really quantized: under the float32 model's half
+    assert held.weights["transformer"] < module_bytes(load_tiny(cache_dir).transformer) / 2
