@@ -189,7 +189,7 @@ def activation_peaks(folder: Path, dtype: torch.dtype, workload: Workload) -> di
     peaks: dict[str, int] = {}
     with FakeTensorMode(), default_dtype(dtype), torch.device("cpu"):
         components = build_components(folder, dtype)
-        for name, run in _component_runs(components, dtype, workload).items():
+        for name, run in _component_runs(components, workload).items():
             tracker = MemTracker()
             tracker.track_external(components[name])
             with tracker, torch.inference_mode():
@@ -199,9 +199,7 @@ def activation_peaks(folder: Path, dtype: torch.dtype, workload: Workload) -> di
     return peaks
 
 
-def _component_runs(
-    components: Mapping[str, torch.nn.Module], dtype: torch.dtype, workload: Workload
-) -> dict[str, Any]:
+def _component_runs(components: Mapping[str, torch.nn.Module], workload: Workload) -> dict[str, Any]:
     """One call per component as Flux2Pipeline makes it for `workload` (inputs made inside the tracker)."""
     transformer: Any = components["transformer"]
     vae: Any = components["vae"]

@@ -9,18 +9,22 @@ profile is for (`full`: the whole GPU, `fp8`: 80 GiB, `low-memory`: 32 GiB):
    safety checker as FLUX.2's; a byte-level vocabulary in the processor (the real one is not in the
    fixtures; token ids are all the text encoder sees);
 2. hands it to the worker's own set-up (`worker.prepare_generator`: LoRA slots at rank 128, the device
-   tier, caches, compiled blocks warmed up at 1024x1024), timing the compile;
+   tier, caches, compiled blocks warmed up at 1024x1024 and 1024x768), timing the compile;
 3. runs one request per preset (`none`, `regular`, `high`) without LoRAs and with three random rank-64
    LoRAs on every Linear, and one edit (a 1024x1024 reference), each a full `ImageGenerator.generate`:
    text encoder, denoising, VAE, safety checker and PNG encoding;
 4. records seconds per denoising step, seconds per image end to end, LoRA switch time (from host memory,
    and again from the device tier), peak device memory and compiled graphs; fails loudly (exit 1) on an
    out-of-memory error or on any graph compiled after the warm-up.
+Then the first profile that passed starts again in a new process with the compile cache the first start
+filled, as a restarted worker does: its compile time, the graphs it reused and its start-to-first-image
+time (random weights are built, not loaded: the weights' load time is not in it).
 Each profile appends a row per request to BENCHMARKS.md, dated, naming the GPU, and the run ends with a
 JSON summary (`--json`).
 
-Reduced mode (no CUDA, or `--reduced`): the same code on the tiny model's configs on the CPU, eager, at
-256x256 with 4 steps, under `full` and `fp8`: it proves the script, and the test suite runs it. Its
+Reduced mode (no CUDA, or `--reduced`): the same code on the tiny model's configs on the CPU, eager
+(`--compile`: compiled, and restarted), at 256x256 with 4 steps, under `full` and `fp8`: it proves the
+script, and the test suite runs it. Its
 numbers say nothing about a GPU, and it writes no BENCHMARKS.md row unless `--benchmarks` names a file.
 
     PYTHONPATH=. python3 scripts/gpu_check.py [--reduced] [--profiles full,fp8,low-memory] [--steps 28]
@@ -34,6 +38,7 @@ import datetime
 import itertools
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,15 +110,17 @@ class ProfileResult:
     rows: list[Row]
     tier_switch_seconds: float | None = None
     error: str | None = None
+    graphs_reused: int = 0
+    first_image_seconds: float | None = None  # a restart's: from its start to its first image
 
 
 def full_mode(steps: int, profiles: tuple[str, ...]) -> Mode:
     return Mode("full", REAL, torch.device("cuda"), torch.bfloat16, 1024, steps, True, profiles)
 
 
-def reduced_mode(cache_dir: Path, profiles: tuple[str, ...]) -> Mode:
+def reduced_mode(cache_dir: Path, profiles: tuple[str, ...], compile_blocks: bool) -> Mode:
     folder = ensure_tiny_pipeline(cache_dir / "tiny")
-    return Mode("reduced", folder, torch.device("cpu"), torch.bfloat16, 256, 4, False, profiles)
+    return Mode("reduced", folder, torch.device("cpu"), torch.bfloat16, 256, 4, compile_blocks, profiles)
 
 
 def safety_checker(folder: Path, device: torch.device, real_size: bool) -> SafetyChecker:
@@ -177,7 +184,9 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else 0.0
 
 
-def check_profile(mode: Mode, profile: MemoryProfile, scratch: Path) -> ProfileResult:
+def start(mode: Mode, profile: MemoryProfile, scratch: Path) -> tuple[ImageGenerator, ProfileResult]:
+    """What a worker's start does, under the profile's memory cap: the model (built, not loaded), the
+    checker, then the worker's own set-up with its compile and warm-up."""
     device = mode.device
     cap = CARDS_GIB.get(profile.name) if mode.name == "full" else None
     if device.type == "cuda":
@@ -200,21 +209,34 @@ def check_profile(mode: Mode, profile: MemoryProfile, scratch: Path) -> ProfileR
         max_lora_rank=SLOT_RANK,
         lora_device_bytes=tier,
         compile=mode.compile,
-        warmup_sizes=((mode.size, mode.size),),
+        # Two sizes, as the server's six: the second makes the sequence length dynamic, so other sizes and
+        # edits (reference latents lengthen the sequence) reuse the graphs. The other four add no graph.
+        warmup_sizes=((mode.size, mode.size), (mode.size, mode.size * 3 // 4)),
     )
     generator, ready = prepare_generator(f"random {mode.name}", loaded, checker, config, started)
-    graphs = int(counters["stats"]["unique_graphs"])
     result = ProfileResult(
         profile.name,
         cap,
         build_seconds,
         ready.compile_seconds,
-        graphs,
+        int(counters["stats"]["unique_graphs"]),
         sum(size for _, size in ready.memory) / GiB,
         [],
+        graphs_reused=ready.compiled_graphs_reused,
     )
+    return generator, result
+
+
+def base_params(mode: Mode) -> GenerationParams:
+    return GenerationParams("a lighthouse at dusk", mode.size, mode.size, mode.steps, 4.0, seed=1)
+
+
+def check_profile(mode: Mode, profile: MemoryProfile, scratch: Path) -> ProfileResult:
+    device = mode.device
+    generator, result = start(mode, profile, scratch)
+    graphs = result.graphs
     loras = write_loras(generator, scratch)
-    base = GenerationParams("a lighthouse at dusk", mode.size, mode.size, mode.steps, 4.0, seed=1)
+    base = base_params(mode)
     edit_job = Job("edit", replace(base, width=None, height=None), images=(reference(scratch, mode.size),))
     jobs = [(f"{preset}", Job(preset, replace(base, acceleration=preset))) for preset in PRESETS]
     jobs += [(f"{preset}", Job(preset, replace(base, acceleration=preset), loras)) for preset in PRESETS]
@@ -238,11 +260,33 @@ def check_profile(mode: Mode, profile: MemoryProfile, scratch: Path) -> ProfileR
     return result
 
 
+def restart(mode: Mode, profile: MemoryProfile, scratch: Path) -> None:
+    """A second start of `profile` in this fresh process with the compile cache the first one filled:
+    prints its result (compile time, graphs reused, start to first image) as one JSON line."""
+    began = time.perf_counter()
+    generator, result = start(mode, profile, scratch)
+    run(generator, Job("restart", base_params(mode)))
+    result.first_image_seconds = time.perf_counter() - began
+    print(json.dumps(asdict(result)))
+
+
+def measure_restart(profile: str, scratch: Path) -> ProfileResult:
+    """Runs `restart` in a new process, as a restarted worker is (the compile cache folder is inherited)."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--restart", profile, "--scratch", str(scratch)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the restart failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    return ProfileResult(**{**fields, "profile": f"{profile}, restarted", "rows": []})
+
+
 def benchmark_rows(results: list[ProfileResult], gpu: str, mode: Mode) -> str:
     date = datetime.date.today().isoformat()
     lines = []
     for result in results:
-        cap = f"{result.cap_gib} GiB" if result.cap_gib else "whole GPU"
+        cap = (
+            f"{result.cap_gib} GiB" if result.cap_gib else ("whole GPU" if mode.name == "full" else "no cap")
+        )
         image = f"{mode.size}² {mode.steps} steps"
         for row in result.rows:
             seconds = row.lora_switch_seconds
@@ -251,6 +295,12 @@ def benchmark_rows(results: list[ProfileResult], gpu: str, mode: Mode) -> str:
                 f"| {date} | {gpu} | {result.profile} ({cap}) | {image} | {row.request}"
                 f" | {row.loras} | {row.seconds_per_step:.3f} | {row.seconds_per_image:.2f} | {switch}"
                 f" | {row.peak_gib:.1f} | {result.compile_seconds:.0f} |"
+            )
+        if result.first_image_seconds is not None:
+            lines.append(
+                f"| {date} | {gpu} | {result.profile} ({cap}) | {image} | start to first image, warm compile"
+                f" cache ({result.graphs_reused} of {result.graphs} graphs reused) | 0 | |"
+                f" {result.first_image_seconds:.1f} | | | {result.compile_seconds:.0f} |"
             )
         tier = result.tier_switch_seconds
         if tier is not None:
@@ -277,18 +327,28 @@ def main() -> int:
     parser.add_argument("--benchmarks", type=Path, help="append rows here (full mode: BENCHMARKS.md)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--cache-dir", type=Path, help="reduced: where the tiny model is (built if missing)")
+    parser.add_argument("--compile", action="store_true", help="reduced: compile too (minutes on a CPU)")
+    parser.add_argument("--restart", metavar="PROFILE", help=argparse.SUPPRESS)  # measure_restart's child
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     scratch_root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     quiet_progress_bars()
     if args.reduced or not torch.cuda.is_available():
         cache_dir = args.cache_dir or scratch_root / "cache"
-        mode = reduced_mode(cache_dir, tuple((args.profiles or "full,fp8").split(",")))
+        mode = reduced_mode(cache_dir, tuple((args.profiles or "full,fp8").split(",")), args.compile)
         benchmarks = args.benchmarks
         gpu = f"CPU ({torch.get_num_threads()} threads)"
     else:
         mode = full_mode(args.steps, tuple((args.profiles or "full,fp8,low-memory").split(",")))
         benchmarks = args.benchmarks or ROOT / "BENCHMARKS.md"
         gpu = torch.cuda.get_device_name()
+    if args.restart:
+        restart(
+            mode,
+            load_registry(PACKAGED_REGISTRY).get("flux2-dev").memory_profiles[args.restart],
+            args.scratch,
+        )
+        return 0
     profiles = ", ".join(mode.profiles)
     print(f"gpu_check, {mode.name} mode on {gpu}: torch {torch.__version__}, profiles {profiles}")
     spec = load_registry(PACKAGED_REGISTRY).get("flux2-dev")
@@ -309,6 +369,15 @@ def main() -> int:
             torch._dynamo.reset()
             if mode.device.type == "cuda":
                 torch.cuda.empty_cache()
+    passed = [r for r in results if r.error is None]
+    if passed and mode.compile:  # a restart reuses compiled code only where there is some
+        try:
+            results.append(measure_restart(passed[0].profile, scratch_root / passed[0].profile))
+        except RuntimeError as exc:
+            failed = True
+            results.append(
+                ProfileResult(f"{passed[0].profile}, restarted", None, 0, 0, 0, 0, [], error=str(exc))
+            )
     rows = benchmark_rows([r for r in results if r.error is None], gpu, mode)
     print("\n" + HEADER + rows)
     if benchmarks is not None and rows.strip():

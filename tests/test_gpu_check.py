@@ -45,4 +45,4 @@ def test_reduced_check_runs_every_request_and_writes_its_rows(tmp_path: Path, ca
     assert fp8["held_gib"] > 0  # the worker's memory account of the random-weight model
     table = benchmarks.read_text()
     assert table.startswith("# Benchmarks") and "| date | GPU |" in table
-    assert table.count("| fp8 (whole GPU) |") == len(REQUESTS) + 1  # and the switch back
+    assert table.count("| fp8 (no cap) |") == len(REQUESTS) + 1  # and the switch back
