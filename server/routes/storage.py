@@ -23,6 +23,7 @@ from server.errors import FalHTTPError
 from server.files import FileStore
 from server.intake import base_url
 from server.openapi import errors
+from server.outcome import storage_failed
 from server.services import Services, ServicesDep
 from server.uploads import TOKEN_LIFETIME
 
@@ -45,8 +46,9 @@ async def _store(
 ) -> str:
     try:
         return await services.files.save(data, content_type, owner, name)
-    except OSError as exc:
-        raise FalHTTPError(507, {"detail": f"The upload could not be stored: {exc.strerror or exc}"}) from exc
+    except OSError as exc:  # 507 for a full disk, 503 for any other failure to write
+        outcome = storage_failed(exc, "the upload could not be stored")
+        raise FalHTTPError(outcome.status_code, outcome.body, outcome.headers) from exc
 
 
 @router.post(
@@ -72,7 +74,7 @@ async def cdn_token(request: Request, services: ServicesDep) -> JSONResponse:
     "/files/upload",
     summary="Upload a file (the body); answers its URL",
     dependencies=[Depends(require_key)],
-    responses=errors(400, 401, 413, 507),
+    responses=errors(400, 401, 413, 503, 507),
 )
 async def upload(request: Request, services: ServicesDep) -> JSONResponse:
     data = await _body(request)
@@ -111,7 +113,7 @@ async def initiate(request: Request, services: ServicesDep) -> JSONResponse:
 @router.put(
     "/storage/upload/{token}",
     summary="The bytes of an initiated upload (the URL is the authority: no key needed)",
-    responses=errors(400, 404, 413, 507),
+    responses=errors(400, 404, 413, 503, 507),
 )
 async def put_upload(request: Request, services: ServicesDep, token: str) -> JSONResponse:
     data = await _body(request)

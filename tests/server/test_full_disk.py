@@ -70,3 +70,32 @@ def test_a_full_job_store_refuses_new_requests_with_507_and_recovers(h: Harness)
     assert accepted.status_code == 200
     assert h.client.get(accepted.json()["response_url"]).status_code == 200
     assert h.client.get(kept["response_url"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "error_type"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 507, "insufficient_storage"),
+        (PermissionError(errno.EACCES, "Permission denied"), 503, "storage_unavailable"),
+    ],
+)
+def test_an_upload_that_cannot_be_stored_says_why(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, error: OSError, status: int, error_type: str
+) -> None:
+    """A full disk is 507 (it passes when space returns); any other failure to write is 503, not a claim
+    that the disk is full."""
+
+    def fail(self: FileStore, name: str, data: bytes, owner: str | None) -> None:
+        raise error
+
+    with monkeypatch.context() as patched:
+        patched.setattr(FileStore, "_save", fail)
+        refused = h.client.post(
+            "/files/upload", content=b"\x89PNG\r\n\x1a\n", headers={"Content-Type": "image/png"}
+        )
+    assert refused.status_code == status and refused.json()["error_type"] == error_type
+    assert refused.json()["detail"].startswith("the upload could not be stored")
+    stored = h.client.post(
+        "/files/upload", content=b"\x89PNG\r\n\x1a\n", headers={"Content-Type": "image/png"}
+    )
+    assert stored.status_code == 200
