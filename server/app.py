@@ -26,7 +26,7 @@ from server.routes import ops, playground, queue, run, storage
 from server.scheduler import Scheduler
 from server.schemas import APPS
 from server.services import Services
-from server.store.database import Database, sqlite_url
+from server.store.database import Database
 from server.store.job_store import WRITE_ERRORS, SqlJobStore
 from server.supervisor import Worker, WorkerFactory
 from server.uploads import PendingUploads
@@ -66,7 +66,7 @@ def create_app(
     settings: Settings, registry: Registry, worker_factory: WorkerFactory | None = None
 ) -> FastAPI:
     """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
-    database = Database(sqlite_url(settings.job_store_path))
+    database = Database(settings.job_store_url)
     database.migrate()  # before anything is served: a store that cannot be opened stops the start
     files = FileStore(settings.files_dir, database)
     fetcher = LoraFetcher(settings.lora_policy())

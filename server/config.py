@@ -22,6 +22,7 @@ from server.fetch.downloads import TransferLimits
 from server.fetch.lora_fetcher import LoraPolicy
 from server.fetch.reference_images import ReferencePolicy
 from server.schemas import MAX_REFERENCE_IMAGES, PRESET_SIZES
+from server.store.database import sqlite_url
 from server.watchdog import WatchdogLimits
 
 ENV_PREFIX = "FLUX2_"
@@ -69,6 +70,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: UserPath = Path("data")  # generated files, the job store, the TLS CA
+    # The job store: unset, SQLite in the data folder; a URL (postgresql+psycopg://user:password@host/db)
+    # puts it in that database instead, which several servers can share.
+    database_url: str | None = None
     cache_dir: UserPath = Field(default_factory=_default_cache_dir)  # built tiny models, downloaded LoRAs
     public_url: str | None = None  # base of file and queue URLs, when clients reach us through a proxy
     sse_ping_seconds: float = 15.0
@@ -134,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def job_store_path(self) -> Path:
         return self.data_dir / "jobs.sqlite"
+
+    @property
+    def job_store_url(self) -> str:
+        return self.database_url or sqlite_url(self.job_store_path)
 
     @property
     def tls_host_names(self) -> tuple[str, ...]:
