@@ -162,13 +162,14 @@ def held_account(
     return MemoryAccount(profile.name, weights, slots, prompt_cache_bytes, offload=profile.offload == "model")
 
 
-def lora_device_budget(device: torch.device, profile: MemoryProfile) -> int:
+def lora_device_budget(device: torch.device, profile: MemoryProfile, device_memory: int | None = None) -> int:
     """Bytes for the device tier of recently used LoRAs: half of what the profile leaves free on this GPU
-    (its minimum already holds the largest text-to-image request), kept for edits with many references.
-    0 on a CPU (host memory is the device) or with offload (the slots leave the GPU between turns)."""
+    (`device_memory`, or all it has; the profile's minimum already holds the largest text-to-image request),
+    kept for edits with many references. 0 on a CPU (host memory is the device) or with offload (the slots
+    leave the GPU between turns)."""
     if device.type != "cuda" or profile.offload != "none":
         return 0
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = device_memory or torch.cuda.get_device_properties(device).total_memory
     return max(0, int(total - profile.min_device_memory_gib * GiB) // 2)
 
 

@@ -45,7 +45,6 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import pipeline  # noqa: F401  # first: importing it silences the noise diffusers makes at import
 
@@ -60,9 +59,16 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from pipeline.generation import ImageGenerator
 from pipeline.loading import LoadedPipeline, build_components, quantize_built, quiet_progress_bars
+from pipeline.memory import lora_device_budget
 from pipeline.messages import GenerationParams, Job, ResolvedLora, WorkerConfig
-from pipeline.models import PACKAGED_REGISTRY, HubSafetyChecker, MemoryProfile, load_registry
-from pipeline.safety import SafetyChecker
+from pipeline.models import (
+    PACKAGED_REGISTRY,
+    HubSafetyChecker,
+    MemoryProfile,
+    TinySafetyChecker,
+    load_registry,
+)
+from pipeline.safety import NSFW_LABEL, SafetyChecker
 from pipeline.testing import linear_shapes, write_lora
 from pipeline.tiny import ensure_tiny_pipeline, processor
 from pipeline.worker import prepare_generator
@@ -124,18 +130,13 @@ def reduced_mode(cache_dir: Path, profiles: tuple[str, ...], compile_blocks: boo
 
 
 def safety_checker(folder: Path, device: torch.device, real_size: bool) -> SafetyChecker:
-    """FLUX.2's checker (Falconsai's labels) with random weights: at its real size (ViT-base/16), or small."""
+    """FLUX.2's checker with random weights: at its real size (ViT-base/16 with Falconsai's labels), or the
+    tiny model's."""
+    if not real_size:
+        return SafetyChecker(TinySafetyChecker(source="tiny"), folder, device)
     if not (folder / "config.json").exists():
-        labels: dict[str, Any] = {"num_labels": 2, "id2label": {0: "normal", 1: "nsfw"}}
-        small: dict[str, Any] = {
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 64,
-        }
-        config = ViTConfig(**labels) if real_size else ViTConfig(**labels, **small)
-        model = ViTForImageClassification(config)
-        model.save_pretrained(folder)
+        config = ViTConfig(num_labels=2, id2label={0: "normal", 1: NSFW_LABEL})
+        ViTForImageClassification(config).save_pretrained(folder)
         ViTImageProcessor().save_pretrained(folder)  # type: ignore[no-untyped-call]
     spec = HubSafetyChecker(source="hub", repo_id="random/vit-base", local_dir=folder)
     return SafetyChecker(spec, folder, device)
@@ -200,8 +201,8 @@ def start(mode: Mode, profile: MemoryProfile, scratch: Path) -> tuple[ImageGener
     loaded = build(mode, profile)
     checker = safety_checker(scratch.parent / "checker", device, real_size=mode.name == "full")
     build_seconds = time.perf_counter() - started
-    # The device tier gets half of what the profile leaves free on the card it is for, as in the worker.
-    tier = None if cap is None else max(0, int((cap - profile.min_device_memory_gib) * GiB) // 2)
+    # The device tier sized for the card the profile is for, by the worker's own rule.
+    tier = None if cap is None else lora_device_budget(device, profile, cap * GiB)
     config = WorkerConfig(
         load_registry(PACKAGED_REGISTRY),
         "flux2-dev",
