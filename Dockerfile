@@ -44,9 +44,10 @@ RUN apt-get update \
 RUN python -m venv /opt/venv \
     && pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
-# The project's dependencies, read from pyproject.toml alone, so code changes keep this layer cached.
+# The project's dependencies, read from pyproject.toml alone, so code changes keep this layer cached; with
+# the scale-out extras (Ray Serve, PostgreSQL), so one image runs `serve` and `serve --ray` alike.
 COPY pyproject.toml /tmp/src/pyproject.toml
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/src/pyproject.toml', 'rb'))['project']; extra = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extra['ray'] + extra['postgres']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
     && rm /tmp/requirements.txt

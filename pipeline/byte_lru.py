@@ -22,6 +22,10 @@ class ByteBudgetLRU(Generic[K, V]):
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._bytes = 0
 
+    def __contains__(self, key: K) -> bool:
+        """Held now (asking does not count as a use)."""
+        return key in self._entries
+
     def get(self, key: K, make: Callable[[], V]) -> V:
         """The entry for `key`, or `make()` it and keep it."""
         if key in self._entries:

@@ -7,6 +7,7 @@ neither torch nor FastAPI, so both sides can depend on it; everything in it must
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -77,6 +78,16 @@ class Job:
     loras: tuple[ResolvedLora, ...] = ()
     images: tuple[str, ...] = ()
 
+    @property
+    def lora_set(self) -> str:
+        """The LoRA set as one id: the same files at the same scales give the same id whatever their order
+        or where they came from; no LoRA at all is its own id. Scale-out routes by it (a replica that holds
+        a set's LoRAs switches to them without reading a file)."""
+        if not self.loras:
+            return "no-loras"
+        pairs = sorted(f"{lora.sha256}:{lora.scale!r}" for lora in self.loras)
+        return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:32]
+
 
 @dataclass(frozen=True)
 class Shutdown:
@@ -111,6 +122,8 @@ class WorkerStartupFailed:
 @dataclass(frozen=True)
 class JobStarted:
     request_id: str
+    worker: str = ""  # which worker runs it, when there are several (a Ray Serve replica)
+    loras_in_memory: bool = True  # every LoRA of the job was already parsed in that worker's memory
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,7 @@ class FailureKind(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    WORKER_LOST = "worker_lost"  # the worker running it died (a remote replica), and a second try did too
 
 
 @dataclass(frozen=True)

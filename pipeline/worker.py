@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,25 +186,29 @@ def run_job(
     return JobFailed(job.request_id, kind, message, loc, time.perf_counter() - started)
 
 
-def _serve(
-    generator: ImageGenerator, job: Job, outbox: Queue[FromWorker], cancelled_id: SynchronizedString
-) -> JobSucceeded | JobFailed:
-    """A job for the server: progress goes out as messages, a cancel comes in through the shared slot."""
-    own_id = job.request_id.encode()
+def serve_job(
+    generator: ImageGenerator,
+    job: Job,
+    send: Callable[[FromWorker], None],
+    cancelled: CancelCheck,
+    worker: str = "",
+) -> None:
+    """A job for the server, reported as messages: started, its notes and steps, how it ended, and the
+    worker's figures after it. `worker` names the worker when there are several (a Ray Serve replica)."""
+    held = all(lora.sha256 in generator.lora_cache for lora in job.loras)
+    send(JobStarted(job.request_id, worker, held))
 
     def on_step(step: int, total: int) -> None:
-        outbox.put(StepProgress(job.request_id, step, total))
-
-    def cancelled() -> bool:
-        return bool(cancelled_id.value == own_id)
+        send(StepProgress(job.request_id, step, total))
 
     def on_note(note: str) -> None:
-        outbox.put(JobNote(job.request_id, note))
+        send(JobNote(job.request_id, note))
 
-    return run_job(generator, job, on_step, cancelled, on_note)
+    send(run_job(generator, job, on_step, cancelled, on_note))
+    send(worker_stats(generator))
 
 
-def _stats(generator: ImageGenerator) -> WorkerStats:
+def worker_stats(generator: ImageGenerator) -> WorkerStats:
     import torch
     from torch._dynamo.utils import counters
 
@@ -217,6 +222,12 @@ def _stats(generator: ImageGenerator) -> WorkerStats:
         device_memory_bytes=torch.cuda.memory_allocated() if cuda else 0,
         device_peak_bytes=torch.cuda.max_memory_allocated() if cuda else 0,
     )
+
+
+def _cancelled(cancelled_id: SynchronizedString, request_id: str) -> CancelCheck:
+    """Whether the server asked this job to stop: keyed by id, so a late cancel never stops the next."""
+    own_id = request_id.encode()
+    return lambda: bool(cancelled_id.value == own_id)
 
 
 def _die_with_the_server() -> None:
@@ -275,9 +286,7 @@ def run_worker(
             continue
         if isinstance(message, Shutdown):
             return
-        outbox.put(JobStarted(message.request_id))
-        outbox.put(_serve(generator, message, outbox, cancelled_id))
-        outbox.put(_stats(generator))
+        serve_job(generator, message, outbox.put, _cancelled(cancelled_id, message.request_id))
 
 
 class DownloadError(Exception):

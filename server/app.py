@@ -63,9 +63,13 @@ def _body_caps(settings: Settings) -> Callable[[str], int | None]:
 
 
 def create_app(
-    settings: Settings, registry: Registry, worker_factory: WorkerFactory | None = None
+    settings: Settings,
+    registry: Registry,
+    worker_factory: WorkerFactory | None = None,
+    worker_slots: int = 1,
 ) -> FastAPI:
-    """Build the app; `worker_factory` lets unit tests put a stand-in behind the typed worker interface."""
+    """Build the app. `worker_factory` puts other workers behind the typed worker interface (stand-ins in
+    unit tests, Ray Serve replicas in scale-out, with a slot per replica)."""
     database = Database(settings.job_store_url)
     database.migrate()  # before anything is served: a store that cannot be opened stops the start
     files = FileStore(settings.files_dir, database)
@@ -87,6 +91,7 @@ def create_app(
         store=store,
         webhooks=webhooks,
         limits=settings.watchdog_limits(),
+        worker_slots=worker_slots,
     )
 
     @asynccontextmanager

@@ -21,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-json", action="store_true", default=None, help="JSON log lines (env FLUX2_LOG_JSON)"
     )
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="scale out on Ray Serve: GPU worker replicas behind the same routes (docs/SCALING.md)",
+    )
 
     generate = commands.add_parser("generate", help="generate images locally, without a server")
     generate.add_argument("prompt")
@@ -154,6 +159,25 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def serve_ray(settings: Settings) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        print("flux2-server: --ray needs Ray Serve: pip install 'flux2-lora-server[ray]'", file=sys.stderr)
+        return 2
+    from server.scaleout.application import run
+
+    if settings.tls:
+        print("flux2-server: --tls is not available with --ray (terminate TLS in front)", file=sys.stderr)
+        return 2
+    registry = load_registry(settings.models_file)
+    if settings.model is not None:
+        registry.get(settings.model)
+    configure_logging(settings.log_level, settings.log_json)
+    run(settings, registry)
+    return 0
+
+
 def env(settings: Settings) -> int:
     """The lines to `eval` before running a fal_client script unchanged against this server."""
     from server.tls import ensure_certificates
@@ -209,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
         if args.command == "serve":
-            return serve(settings)
+            return serve_ray(settings) if args.ray else serve(settings)
         if args.command == "generate":
             return _generate(settings, args)
         if args.command == "download":

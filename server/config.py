@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -119,6 +119,21 @@ class Settings(BaseSettings):
     compile: Annotated[bool | None, BeforeValidator(_auto_is_none)] = None  # None (auto): on CUDA only
     attention_backend: str | None = None  # a diffusers attention backend; unset: the fastest exact one
     memory_profile: str | None = None  # one of the model's memory_profiles; unset: chosen by device memory
+    # Scale-out (`serve --ray`): the GPU workers as a Ray Serve deployment
+    ray_address: str | None = None  # a running Ray cluster ("auto", "ray://head:10001"); unset: start one
+    ray_workers_min: int = Field(default=1, ge=1)  # GPU worker replicas: autoscaled between min and max
+    ray_workers_max: int = Field(default=1, ge=1)
+    ray_gpus_per_worker: float = Field(default=1.0, ge=0)  # 0: CPU replicas (tests, the tiny model)
+    ray_lora_sets_per_worker: int = Field(default=8, ge=1)  # LoRA sets a replica is routed as holding
+
+    @model_validator(mode="after")
+    def _workers_between(self) -> Settings:
+        if self.ray_workers_max < self.ray_workers_min:
+            raise ValueError(
+                f"{ENV_PREFIX}RAY_WORKERS_MAX={self.ray_workers_max} is below "
+                f"{ENV_PREFIX}RAY_WORKERS_MIN={self.ray_workers_min}"
+            )
+        return self
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **flags: object) -> Settings:
@@ -225,7 +240,10 @@ def _describe(exc: ValidationError, flags: Mapping[str, object]) -> str:
     """pydantic's errors, each under the variable (or flag) the bad value came from."""
     problems = []
     for error in exc.errors(include_url=False):
-        field = str(error["loc"][0]) if error["loc"] else ""
+        if not error["loc"]:  # a rule between settings: its message names them
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
         source = f"--{field.replace('_', '-')}" if field in flags else ENV_PREFIX + field.upper()
         if error["type"] == "extra_forbidden":
             problems.append(f"{source} is not a setting")

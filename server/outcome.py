@@ -65,6 +65,7 @@ _FROM_WORKER = {
     FailureKind.CANCELLED: Failure.CANCELLED,
     FailureKind.OUT_OF_MEMORY: Failure.OUT_OF_MEMORY,
     FailureKind.INTERNAL: Failure.INTERNAL,
+    FailureKind.WORKER_LOST: Failure.WORKER_LOST,
 }
 
 

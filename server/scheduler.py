@@ -1,7 +1,8 @@
 """The scheduler: takes every accepted request to completion, through the fetch stage (LoRAs) and the
 queue to the worker, with the client's start timeout and cancel on the way.
 
-The rooms it joins each hold one job: `FetchStage`, `RequestQueue`, `WorkerSupervisor` and `Completion`.
+The rooms it joins each hold one job: `FetchStage`, `RequestQueue`, `WorkerPool` (a `WorkerSupervisor` per
+worker) and `Completion`.
 Everything here runs on the event loop's thread, the worker's messages too, so nothing needs a lock.
 """
 
@@ -21,9 +22,10 @@ from server.outcome import Failure, Outcome, failed, storage_failed
 from server.outputs import OutputBuilder
 from server.request_queue import RequestQueue
 from server.store.job_store import WRITE_ERRORS, JobStore
-from server.supervisor import WorkerFactory, WorkerState, WorkerSupervisor
+from server.supervisor import WorkerFactory, WorkerState
 from server.watchdog import WatchdogLimits
 from server.webhooks import WebhookSender
+from server.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,12 @@ class Scheduler:
         webhooks: WebhookSender | None = None,
         limits: WatchdogLimits | None = None,
         max_restarts: int = 3,
+        worker_slots: int = 1,
     ) -> None:
         self.jobs: dict[str, JobRecord] = {}
         self.fetch = fetch
         self.queue = RequestQueue()
-        self.supervisor = WorkerSupervisor(spawn_worker, self, metrics, limits, max_restarts)
+        self.workers = WorkerPool(spawn_worker, self, metrics, limits, max_restarts, worker_slots)
         self.completion = Completion(outputs, fetch, metrics, self._closed, store, webhooks)
         self.store = store
         self.metrics = metrics
@@ -70,7 +73,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.supervisor.start()
+        self.workers.start()
 
     def begin_shutdown(self) -> None:
         """Start no more jobs: the running one may finish; what waits stays stored for the next start."""
@@ -83,15 +86,15 @@ class Scheduler:
         from the signal handler (on the event loop's thread, between any two of its steps), so the work is
         done at the loop's next turn."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.supervisor.abandon if again else self.begin_shutdown)
+            self._loop.call_soon_threadsafe(self.workers.abandon if again else self.begin_shutdown)
 
     async def stop(self, grace: float = 0.0) -> None:
         """Let the running generation finish within `grace` seconds and record it; stop the worker."""
         self.begin_shutdown()
         self.fetch.stop()  # those requests are fetched again after the next start
-        await self.supervisor.finish(grace)
+        await self.workers.finish(grace)
         await self.completion.drain()
-        self.supervisor.stop()
+        self.workers.stop()
 
     # --- requests ----------------------------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class Scheduler:
             self.completion.close(record, failed(Failure.CANCELLED, "Request was cancelled"))
         else:
             record.log("cancellation requested")
-            self.supervisor.cancel(record)
+            self.workers.cancel(record)
         return CancelResult.REQUESTED
 
     def queue_position(self, record: JobRecord) -> int | None:
@@ -176,7 +179,7 @@ class Scheduler:
 
     def _admit(self, record: JobRecord) -> None:
         """Start the way to the worker for an accepted, valid request."""
-        if self.supervisor.state is WorkerState.FAILED:
+        if self.workers.state is WorkerState.FAILED:
             self.completion.close(record, self._unavailable())
             return
         if record.start_timeout is not None:
@@ -188,7 +191,7 @@ class Scheduler:
             self._enqueue(record)
 
     def _enqueue(self, record: JobRecord) -> None:
-        if self.supervisor.state is WorkerState.FAILED:
+        if self.workers.state is WorkerState.FAILED:
             self.completion.close(record, self._unavailable())
             return
         self.queue.push(record)
@@ -206,22 +209,21 @@ class Scheduler:
             self.completion.close(record, failed(Failure.START_TIMEOUT, detail))
 
     def _unavailable(self) -> Outcome:
-        return failed(Failure.UNAVAILABLE, f"the model is unavailable: {self.supervisor.failure}")
+        return failed(Failure.UNAVAILABLE, f"the model is unavailable: {self.workers.failure}")
 
-    # --- what the supervisor says ------------------------------------------------------------------------
+    # --- what the workers say ------------------------------------------------------------------------
 
     def worker_idle(self) -> None:
-        """Hand the worker the next waiting request, if it can take one."""
-        if self.draining or not self.supervisor.idle:
-            return
-        record = self.queue.pop()
-        if record is None:
-            return
-        record.move_to(JobStatus.IN_PROGRESS)
-        self.completion.persist(record)
-        self.metrics.started(record)
-        log.info("started", extra={"request_id": record.request_id})
-        self.supervisor.run(record)
+        """Hand each idle worker the next waiting request, while there are both."""
+        while not self.draining and self.workers.idle:
+            record = self.queue.pop()
+            if record is None:
+                return
+            record.move_to(JobStatus.IN_PROGRESS)
+            self.completion.persist(record)
+            self.metrics.started(record)
+            log.info("started", extra={"request_id": record.request_id})
+            self.workers.run(record)
 
     def job_ended(
         self, record: JobRecord, result: JobSucceeded | Outcome, inference_seconds: float | None

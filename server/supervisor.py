@@ -240,7 +240,7 @@ class WorkerSupervisor:
             return
         self._watchdog.heard()
         if isinstance(message, JobStarted):
-            record.log("generation started")
+            record.log(f"generation started on {message.worker}" if message.worker else "generation started")
         elif isinstance(message, JobNote):
             record.log(message.message, level="WARN")
         elif isinstance(message, StepProgress):

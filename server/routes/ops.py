@@ -28,11 +28,11 @@ async def health() -> dict[str, str]:
     responses={503: {"model": ReadyBody, "description": "Not ready"}},
 )
 async def ready(services: ServicesDep) -> JSONResponse:
-    supervisor = services.scheduler.supervisor
-    info = supervisor.ready_info
+    workers = services.scheduler.workers
+    info = workers.ready_info
     body = {
-        "ready": supervisor.state is WorkerState.READY,
-        "state": supervisor.state.value,
+        "ready": workers.state is WorkerState.READY,
+        "state": workers.state.value,
         "model": info.model if info else services.settings.model or "auto",
         "device": info.device if info else None,
         "dtype": info.dtype if info else None,
@@ -42,10 +42,10 @@ async def ready(services: ServicesDep) -> JSONResponse:
         "attention_backend": info.attention_backend if info else None,
         "memory_profile": info.memory_profile if info else None,
         "memory_bytes": dict(info.memory) if info else None,
-        "worker_pid": info.pid if info and supervisor.state is WorkerState.READY else None,
+        "worker_pid": info.pid if info and workers.state is WorkerState.READY else None,
         "queue_depth": len(services.scheduler.queue),
-        "worker_restarts": supervisor.restarts,
-        "error": supervisor.failure,
+        "worker_restarts": workers.restarts,
+        "error": workers.failure,
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 

@@ -1,0 +1,104 @@
+"""The Ray Serve application: the fal front door (`server.app.create_app`, unchanged) as the ingress
+deployment, over the GPU worker deployment (`GpuWorker`, one GPU per replica, autoscaled between the
+configured bounds). `flux2-server serve --ray` runs it; `serve run` / `serve deploy` take `build` through
+the Serve config file in `deploy/` of the repository.
+
+The ingress has one replica for now: it holds the queue (its worker slots, one per possible GPU replica,
+stream jobs to the deployment), as the single-process server does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.logs import configure_logging
+from pipeline.models import Registry, load_registry
+from server.app import create_app
+from server.config import Settings
+from server.scaleout.gpu_worker import GpuWorker
+from server.scaleout.remote_worker import RemoteWorker
+from server.supervisor import Worker
+from server.worker_process import Listener
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "flux2"
+
+
+@serve.ingress()
+class Ingress:
+    def __init__(self, settings: Settings, registry: Registry, workers: DeploymentHandle[Any]) -> None:
+        configure_logging(settings.log_level, settings.log_json)
+        self._settings, self._registry, self._workers = settings, registry, workers
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        def remote(listener: Listener) -> Worker:
+            return RemoteWorker(self._workers, listener)
+
+        return create_app(self._settings, self._registry, remote, worker_slots=self._settings.ray_workers_max)
+
+
+def application(settings: Settings, registry: Registry) -> Application:
+    """Both deployments, bound to the settings."""
+    if settings.ray_workers_min == settings.ray_workers_max:
+        scaling: dict[str, Any] = {"num_replicas": settings.ray_workers_max}
+    else:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": settings.ray_workers_min,
+                "max_replicas": settings.ray_workers_max,
+                "target_ongoing_requests": 1,  # a replica runs one job: more waiting asks for another
+            }
+        }
+    workers = serve.deployment(
+        name="gpu-worker",
+        max_ongoing_requests=1,  # one job per GPU; the rest wait in the ingress's queue
+        ray_actor_options={"num_gpus": settings.ray_gpus_per_worker, "num_cpus": 1},
+        health_check_period_s=10,
+        **scaling,
+    )(GpuWorker).bind(
+        settings.worker_config(registry),
+        settings.ray_lora_sets_per_worker,
+        settings.heartbeat_seconds,
+    )
+    ingress = serve.deployment(
+        name="ingress",
+        num_replicas=1,
+        max_ongoing_requests=10_000,  # status polls and streams: the queue limits work, not this
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=settings.shutdown_grace_seconds + 5,
+    )(Ingress)
+    return ingress.bind(settings, registry, workers)
+
+
+def run(settings: Settings, registry: Registry) -> None:
+    """`flux2-server serve --ray`: the application on a Ray cluster (`FLUX2_RAY_ADDRESS`), or on one
+    started here, until a stop signal; then it is taken down, the ingress draining as `serve` does."""
+    ray.init(address=settings.ray_address, include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own (an abrupt exit)
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(application(settings, registry), name=APP_NAME, route_prefix="/")
+        log.warning("serving on http://%s:%d (Ray Serve)", settings.host, settings.port)
+        stop.wait()
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def build(args: dict[str, Any]) -> Application:
+    """The Serve config's `import_path`: `args` are settings by name, over the FLUX2_* variables."""
+    settings = Settings.load(**args)
+    return application(settings, load_registry(settings.models_file))

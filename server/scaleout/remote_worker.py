@@ -1,0 +1,114 @@
+"""A worker slot over the Ray Serve GPU deployment, behind the supervisor's `Worker` seam: each job is a
+stream to one replica, which Ray Serve picks by the job's LoRA set, and the replica's messages reach the
+listener on the event loop as a spawned child's would.
+
+A replica lost with the job in hand (its process killed, its node gone) costs the job one more try on
+another replica, never two answers: only a stream that ended without an outcome is tried again. A second
+loss fails the request as `runner_disconnected`; the slot stays ready, since Ray Serve replaces replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import RequestCancelledError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from pipeline.messages import (
+    FailureKind,
+    FromWorker,
+    Job,
+    JobFailed,
+    JobNote,
+    JobSucceeded,
+    WorkerStartupFailed,
+)
+from server.worker_process import Listener, WorkerExited
+
+log = logging.getLogger(__name__)
+
+_LOST = (RayActorError, ActorUnavailableError)
+
+
+class RemoteWorker:
+    def __init__(self, deployment: DeploymentHandle[Any], listener: Listener) -> None:
+        self._deployment = deployment
+        self._listener = listener
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stream: DeploymentResponseGenerator[Any] | None = None
+        self._job: Job | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._task = loop.create_task(self._ready())
+
+    async def _ready(self) -> None:
+        try:
+            ready = await self._deployment.ready.remote()
+        except Exception as exc:  # the deployment is gone or cannot start a replica
+            self._listener(WorkerStartupFailed(f"no GPU worker replica answered: {exc}"))
+            return
+        self._listener(ready)
+
+    def submit(self, job: Job) -> None:
+        assert self._loop is not None, "not started"
+        self._job = job
+        self._task = self._loop.create_task(self._run(job))
+
+    async def _run(self, job: Job) -> None:
+        def tell(message: FromWorker) -> None:
+            if self._job is job:  # not let go of (`kill`)
+                self._listener(message)
+
+        lost = ""
+        for attempt in (1, 2):
+            stream = self._deployment.options(stream=True, multiplexed_model_id=job.lora_set)
+            responses = cast(DeploymentResponseGenerator[Any], stream.run.remote(job))
+            self._stream, answered = responses, False
+            try:
+                async for message in responses:
+                    answered = answered or isinstance(message, JobSucceeded | JobFailed)
+                    tell(message)
+                return
+            except RequestCancelledError:
+                if not answered:
+                    tell(JobFailed(job.request_id, FailureKind.CANCELLED, "Request was cancelled"))
+                return
+            except _LOST as exc:
+                if answered:  # lost after its outcome arrived: only the figures were missed
+                    return
+                lost = f"{type(exc).__name__}: {exc}"
+                log.error("a GPU worker replica was lost (try %d of 2): %s", attempt, lost)
+                if attempt == 1:
+                    note = "the GPU worker replica running it was lost; running it again on another"
+                    tell(JobNote(job.request_id, note))
+            finally:
+                self._stream = None
+        detail = f"the GPU worker replica running it was lost twice ({lost.splitlines()[0]})"
+        tell(JobFailed(job.request_id, FailureKind.WORKER_LOST, detail))
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel the stream: the replica stops the job at its next denoising step."""
+        if self._stream is not None and self._job is not None and self._job.request_id == request_id:
+            self._stream.cancel()
+
+    def kill(self) -> None:
+        """Let go of a job that hangs (the watchdog's call): its stream is cancelled, and the replica's own
+        health check has Ray Serve replace it. The slot starts again, as after a worker's exit."""
+        self._job = None
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._loop is not None:
+            self._loop.call_soon(self._listener, WorkerExited(None))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._task.cancel()

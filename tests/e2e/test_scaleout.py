@@ -1,0 +1,173 @@
+"""Scale-out: `flux2-server serve --ray`, run as an operator runs it, on a Ray instance it starts itself,
+with two CPU worker replicas of the tiny model behind the same fal routes. The real clients, LoRA-affine
+routing, a cancel, and a replica killed with a request in hand."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fal_client
+import fal_client.client
+import httpx
+import pytest
+from diffusers import Flux2Transformer2DModel
+
+from pipeline.testing import linear_shapes, write_lora
+from pipeline.tiny import ensure_tiny_pipeline
+from server.testing import LiveServer
+from tests.node import JS_DIR, node_available
+
+APP = "fal-ai/flux-2/lora"
+_STARTED = re.compile(r"generation started on replica (\S+) \(pid (\d+)\)")
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
+    transformer = Flux2Transformer2DModel.from_pretrained(
+        ensure_tiny_pipeline(cache_dir / "tiny") / "transformer"
+    )
+    shapes = linear_shapes(transformer)
+    names, folder = list(shapes), tmp_path_factory.mktemp("scaleout-loras")
+    return {
+        "style": write_lora(folder / "style.safetensors", shapes, names[:8], rank=8, seed=1),
+        "detail": write_lora(folder / "detail.safetensors", shapes, names[4:12], rank=4, seed=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_server(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, loras: dict[str, Path]
+) -> Iterator[LiveServer]:
+    env = {
+        "FLUX2_CACHE_DIR": str(cache_dir),
+        "FLUX2_LORA_FOLDERS": str(loras["style"].parent),
+        "FLUX2_MAX_LORA_RANK": "16",
+        "FLUX2_SSE_PING_SECONDS": "1",
+        "FLUX2_RAY_WORKERS_MIN": "2",
+        "FLUX2_RAY_WORKERS_MAX": "2",
+        "FLUX2_RAY_GPUS_PER_WORKER": "0",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    server = LiveServer(tmp_path_factory.mktemp("ray-serve"), "--ray", "--model", "tiny", env=env)
+    with server:
+        yield server
+    assert server.process.returncode == 0, server.log()[-3000:]  # SIGTERM takes it all down in order
+
+
+@pytest.fixture
+def fal(ray_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> fal_client.SyncClient:
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{ray_server.url}/")
+    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{ray_server.url}/queue/")
+    monkeypatch.setenv("FAL_KEY", "any-key")
+    return fal_client.SyncClient()
+
+
+def _body(lora: Path | None = None, steps: int = 4, scale: float = 0.8, **extra: Any) -> dict[str, Any]:
+    loras = [{"path": str(lora), "scale": scale}] if lora else []
+    return {
+        "prompt": "a lighthouse",
+        "image_size": "square",
+        "num_inference_steps": steps,
+        "loras": loras,
+        **extra,
+    }
+
+
+def _replica(ray_server: LiveServer, request_id: str) -> list[tuple[str, int]]:
+    """Where a request ran, from its status logs: (replica, pid) for each start."""
+    status = httpx.get(
+        f"{ray_server.url}/queue/fal-ai/flux-2/requests/{request_id}/status", params={"logs": 1}, timeout=10
+    ).json()
+    return [
+        (match[1], int(match[2]))
+        for entry in status["logs"] or []
+        if (match := _STARTED.search(entry["message"]))
+    ]
+
+
+def test_the_fal_client_is_served_by_both_worker_replicas(
+    fal: fal_client.SyncClient, ray_server: LiveServer, loras: dict[str, Path]
+) -> None:
+    handles = [fal.submit(APP, _body(loras["style"] if i % 2 else None, steps=8)) for i in range(4)]
+    results = [handle.get() for handle in handles]
+    assert all(len(result["images"]) == 1 and result["images"][0]["width"] == 512 for result in results)
+    image = httpx.get(results[0]["images"][0]["url"], timeout=10)
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    ran_on = {_replica(ray_server, handle.request_id)[0][0] for handle in handles}
+    assert len(ran_on) == 2, "four requests at once should keep both replicas busy"
+    ready = httpx.get(f"{ray_server.url}/ready", timeout=10).json()
+    assert ready["ready"] and ready["model"] == "tiny"
+
+
+def test_a_lora_set_goes_back_to_the_replica_that_holds_it(
+    fal: fal_client.SyncClient, ray_server: LiveServer, loras: dict[str, Path]
+) -> None:
+    # Two sets new to both replicas (a set is its files and their scales), sent together: one to each.
+    first = {name: fal.submit(APP, _body(loras[name], steps=8, scale=0.55)) for name in ("style", "detail")}
+    holder = {}
+    for name, handle in first.items():
+        handle.get()
+        holder[name] = _replica(ray_server, handle.request_id)[0][0]
+    assert holder["style"] != holder["detail"]
+    # Then one at a time, so both replicas are free each time: only affinity decides where each goes.
+    for name in ["style", "detail"] * 3:
+        handle = fal.submit(APP, _body(loras[name], scale=0.55))
+        handle.get()
+        assert _replica(ray_server, handle.request_id)[0][0] == holder[name], name
+
+
+def test_the_js_client_streams_status_through_the_ray_ingress(ray_server: LiveServer) -> None:
+    if not node_available():
+        pytest.skip("Node.js packages for tests/js are not installed (run scripts/setup)")
+    run = subprocess.run(
+        ["node", str(JS_DIR / "fal_client_compat.mjs"), "stream"],
+        env={**os.environ, "FAL_SERVER_URL": ray_server.url},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+
+
+def test_cancel_reaches_the_replica_running_the_request(
+    fal: fal_client.SyncClient, ray_server: LiveServer
+) -> None:
+    handle = fal.submit(APP, _body(steps=50))
+    deadline = time.monotonic() + 60
+    while not any("step" in entry["message"] for entry in handle.status(with_logs=True).logs or []):
+        assert time.monotonic() < deadline, "never started"
+        time.sleep(0.1)
+    handle.cancel()
+    with pytest.raises(fal_client.client.FalClientHTTPError) as failure:
+        handle.get()
+    assert failure.value.status_code == 400 and failure.value.error_type == "request_cancelled"
+    steps = [
+        entry["message"] for entry in handle.status(with_logs=True).logs or [] if "step" in entry["message"]
+    ]
+    assert steps[-1] != "step 50/50"
+    after = fal.run(APP, _body())  # the replica is free again
+    assert len(after["images"]) == 1
+
+
+def test_a_request_whose_replica_is_killed_runs_again_on_another(
+    fal: fal_client.SyncClient, ray_server: LiveServer
+) -> None:
+    handle = fal.submit(APP, _body(steps=40))
+    deadline = time.monotonic() + 60
+    while not (started := _replica(ray_server, handle.request_id)):
+        assert time.monotonic() < deadline, "never started"
+        time.sleep(0.1)
+    os.kill(started[0][1], signal.SIGKILL)
+    result = handle.get()
+    assert len(result["images"]) == 1
+    runs = _replica(ray_server, handle.request_id)
+    assert len(runs) == 2 and runs[0][1] != runs[1][1], runs
+    logs = [entry["message"] for entry in handle.status(with_logs=True).logs or []]
+    assert any("was lost; running it again on another" in message for message in logs)
