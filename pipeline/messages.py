@@ -173,6 +173,7 @@ class WorkerStats:
     compiled_graphs: int  # torch.compile graphs built so far; growth after warm-up means recompiles
     device_memory_bytes: int  # allocated on the accelerator now (0 on CPU)
     device_peak_bytes: int
+    worker: str = ""  # which worker, when there are several (each counts for itself)
 
 
 class FailureKind(StrEnum):

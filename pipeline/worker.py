@@ -205,10 +205,10 @@ def serve_job(
         send(JobNote(job.request_id, note))
 
     send(run_job(generator, job, on_step, cancelled, on_note))
-    send(worker_stats(generator))
+    send(worker_stats(generator, worker))
 
 
-def worker_stats(generator: ImageGenerator) -> WorkerStats:
+def worker_stats(generator: ImageGenerator, worker: str = "") -> WorkerStats:
     import torch
     from torch._dynamo.utils import counters
 
@@ -221,6 +221,7 @@ def worker_stats(generator: ImageGenerator) -> WorkerStats:
         compiled_graphs=int(counters["stats"]["unique_graphs"]),
         device_memory_bytes=torch.cuda.memory_allocated() if cuda else 0,
         device_peak_bytes=torch.cuda.max_memory_allocated() if cuda else 0,
+        worker=worker,
     )
 
 

@@ -11,7 +11,7 @@ again, and whether any accepted request was lost or answered twice.
 Prints one row per fault: seconds until it served again (from the fault), requests accepted, lost (not
 completed), and answered twice (more than one stored record per id, or ids never handed out).
 
-    .venv/bin/python scripts/fault_stall.py [--bounded] [--drips 200] [--json PATH]
+    .venv/bin/python scripts/fault_stall.py [--bounded] [--drips 200] [--faults 1,3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -333,8 +333,10 @@ def main() -> None:
         "--bounded", action="store_true", help="short deadlines and 20 drips, for the test suite"
     )
     parser.add_argument("--drips", type=int, help="slow-drip downloads (default 200; 20 bounded)")
+    parser.add_argument("--faults", help="only these, by number above (e.g. 1,2,3); default all")
     parser.add_argument("--json", type=Path, help="also write the results to this file as JSON")
     args = parser.parse_args()
+    chosen = [FAULTS[int(n) - 1] for n in args.faults.split(",")] if args.faults else FAULTS
     limits = (
         Limits(heartbeat=3, startup=30, rate_window=2, drips=args.drips or 20)
         if args.bounded
@@ -342,7 +344,7 @@ def main() -> None:
     )
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        for fault in FAULTS:
+        for fault in chosen:
             results.append(fault(Path(folder), limits))
             print(f"done: {results[-1].fault}", flush=True)
     print(f"\n| fault | served again after | accepted | lost | answered twice | notes |\n|{'---|' * 6}")

@@ -70,7 +70,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `worker_factory` puts other workers behind the typed worker interface (stand-ins in
     unit tests, Ray Serve replicas in scale-out, with a slot per replica)."""
-    database = Database(settings.job_store_url)
+    database = Database(settings.job_store_url, settings.database_retry_seconds)
     database.migrate()  # before anything is served: a store that cannot be opened stops the start
     files = FileStore(settings.files_dir, database)
     fetcher = LoraFetcher(settings.lora_policy())

@@ -174,7 +174,10 @@ def serve_ray(settings: Settings) -> int:
     if settings.model is not None:
         registry.get(settings.model)
     configure_logging(settings.log_level, settings.log_json)
-    run(settings, registry)
+    failure = run(settings, registry)
+    if failure is not None:
+        print(f"flux2-server: {failure}", file=sys.stderr)
+        return 2
     return 0
 
 

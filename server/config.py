@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     # The job store: unset, SQLite in the data folder; a URL (postgresql+psycopg://user:password@host/db)
     # puts it in that database instead, which several servers can share.
     database_url: str | None = None
+    database_retry_seconds: float = 15.0  # how long a PostgreSQL that went away is waited for (a restart)
     cache_dir: UserPath = Field(default_factory=_default_cache_dir)  # built tiny models, downloaded LoRAs
     public_url: str | None = None  # base of file and queue URLs, when clients reach us through a proxy
     sse_ping_seconds: float = 15.0
@@ -125,6 +126,7 @@ class Settings(BaseSettings):
     ray_workers_max: int = Field(default=1, ge=1)
     ray_gpus_per_worker: float = Field(default=1.0, ge=0)  # 0: CPU replicas (tests, the tiny model)
     ray_lora_sets_per_worker: int = Field(default=8, ge=1)  # LoRA sets a replica is routed as holding
+    ray_lora_affinity: bool = True  # route by LoRA set; off: Ray Serve's default (less busy of two)
 
     @model_validator(mode="after")
     def _workers_between(self) -> Settings:

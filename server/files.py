@@ -41,7 +41,7 @@ _NAME = re.compile(rf"^[0-9a-f]{{32}}\.({'|'.join(CONTENT_TYPES)})$")
 class FileStore:
     def __init__(self, root: Path, database: Database) -> None:
         self.root = root
-        self._engine = database.engine
+        self._database = database
         root.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -59,8 +59,8 @@ class FileStore:
 
     def _save(self, name: str, data: bytes, owner: str | None) -> None:
         # The row first: a file that fails to be written leaves only a row, which expires like any other.
-        with self._engine.begin() as connection:
-            connection.execute(files.insert().values(name=name, owner=owner, created_at=time.time()))
+        row = files.insert().values(name=name, owner=owner, created_at=time.time())
+        self._database.run(lambda connection: connection.execute(row))
         partial = self.root / f".{name}.partial"
         try:
             partial.write_bytes(data)
@@ -74,29 +74,33 @@ class FileStore:
         the folder."""
         if not _NAME.match(name):
             return None
-        with self._engine.connect() as connection:
-            row = connection.execute(sa.select(files.c.owner).where(files.c.name == name)).first()
+        query = sa.select(files.c.owner).where(files.c.name == name)
+        row = self._database.run(lambda connection: connection.execute(query).first())
         path = self.root / name
         return path if row is not None and row.owner == owner and path.is_file() else None
 
     def delete(self, names: list[str]) -> None:
         """Delete these files now (a request's reference images, once it is done with them)."""
-        with self._engine.begin() as connection:
-            for name in names:
-                with contextlib.suppress(OSError):
-                    (self.root / name).unlink(missing_ok=True)
-            connection.execute(sa.delete(files).where(files.c.name.in_(names)))
+        for name in names:
+            with contextlib.suppress(OSError):
+                (self.root / name).unlink(missing_ok=True)
+        self._database.run(
+            lambda connection: connection.execute(sa.delete(files).where(files.c.name.in_(names)))
+        )
 
     def expire(self, cutoff: float) -> int:
         """Delete the files stored before `cutoff` (a time.time() value); returns how many."""
         old = files.c.created_at < cutoff
-        with self._engine.begin() as connection:
-            names = connection.execute(sa.select(files.c.name).where(old)).scalars().all()
+
+        def expire(connection: sa.Connection) -> list[str]:
+            names = list(connection.execute(sa.select(files.c.name).where(old)).scalars())
             for name in names:
                 with contextlib.suppress(OSError):
                     (self.root / name).unlink(missing_ok=True)
             connection.execute(sa.delete(files).where(old))
-        return len(names)
+            return names
+
+        return len(self._database.run(expire))
 
     @staticmethod
     def url(base_url: str, name: str) -> str:

@@ -65,8 +65,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.stats: WorkerStats | None = None
-        r.register(_CacheCollector(disk_cache, lambda: self.stats))
+        self.lora_sets = Counter(
+            "flux2_lora_sets_started",
+            "Requests with LoRAs started, by whether the worker already held every one in memory (held: "
+            "true); with several worker replicas, how well routing by LoRA set works",
+            ["held"],
+            registry=r,
+        )
+        self.stats: dict[str, WorkerStats] = {}  # the latest of each worker (scale-out has several)
+        r.register(_CacheCollector(disk_cache, lambda: list(self.stats.values())))
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -84,26 +91,30 @@ class Metrics:
             self.step.labels(preset).observe(seconds / record.params.num_inference_steps)
 
     def worker_stats(self, stats: WorkerStats) -> None:
-        self.stats = stats
+        self.stats[stats.worker] = stats
         self.lora_switch.observe(stats.lora_switch_seconds)
 
 
 class _CacheCollector(Collector):
-    """Cumulative figures kept by the LoRA disk cache and reported by the worker."""
+    """Cumulative figures kept by the LoRA disk cache and reported by the workers, summed over workers."""
 
-    def __init__(self, disk: DiskCache, stats: Callable[[], WorkerStats | None]) -> None:
+    def __init__(self, disk: DiskCache, stats: Callable[[], list[WorkerStats]]) -> None:
         self.disk = disk
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.stats()
+        workers = self.stats()
+
+        def total(figure: Callable[[WorkerStats], int]) -> int:
+            return sum(map(figure, workers))
+
         events = {
-            "hits": ("LoRA cache hits", self.disk.hits, stats.lora_memory_hits if stats else 0),
-            "misses": ("LoRA cache misses", self.disk.misses, stats.lora_memory_misses if stats else 0),
+            "hits": ("LoRA cache hits", self.disk.hits, total(lambda w: w.lora_memory_hits)),
+            "misses": ("LoRA cache misses", self.disk.misses, total(lambda w: w.lora_memory_misses)),
             "evictions": (
                 "LoRA cache evictions",
                 self.disk.evictions,
-                stats.lora_memory_evictions if stats else 0,
+                total(lambda w: w.lora_memory_evictions),
             ),
         }
         for event, (doc, disk, memory) in events.items():
@@ -113,16 +124,16 @@ class _CacheCollector(Collector):
             yield family
         yield CounterMetricFamily(
             "flux2_compiled_graphs",
-            "torch.compile graphs built by the worker",
-            value=stats.compiled_graphs if stats else 0,
+            "torch.compile graphs built by the workers",
+            value=total(lambda w: w.compiled_graphs),
         )
         yield GaugeMetricFamily(
             "flux2_device_memory_bytes",
-            "Accelerator memory allocated",
-            value=stats.device_memory_bytes if stats else 0,
+            "Accelerator memory allocated, all workers together",
+            value=total(lambda w: w.device_memory_bytes),
         )
         yield GaugeMetricFamily(
             "flux2_device_memory_peak_bytes",
-            "Peak accelerator memory allocated",
-            value=stats.device_peak_bytes if stats else 0,
+            "Peak accelerator memory allocated (the highest worker's)",
+            value=max((w.device_peak_bytes for w in workers), default=0),
         )

@@ -2,8 +2,9 @@
 replaces it when it dies or hangs (up to `max_restarts` times): the watchdog says when it hangs, and a
 hung worker is killed, child processes and all, rather than asked.
 
-`Worker` is the seam: `WorkerProcess` (a spawned child) in production, stand-ins in unit tests, remote
-workers later. Everything here runs on the event loop's thread, where the worker's messages arrive too.
+`Worker` is the seam: `WorkerProcess` (a spawned child) in production, stand-ins in unit tests,
+`RemoteWorker` (a stream of jobs to Ray Serve replicas) in scale-out. Everything here runs on the event
+loop's thread, where the worker's messages arrive too.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ class WorkerSupervisor:
             return
         self._watchdog.heard()
         if isinstance(message, JobStarted):
-            record.log(f"generation started on {message.worker}" if message.worker else "generation started")
+            self._started(record, message)
         elif isinstance(message, JobNote):
             record.log(message.message, level="WARN")
         elif isinstance(message, StepProgress):
@@ -255,6 +256,16 @@ class WorkerSupervisor:
             )
         else:
             self._end(record, worker_failed(message, record.request_input), message.inference_seconds)
+
+    def _started(self, record: JobRecord, started: JobStarted) -> None:
+        text = "generation started"
+        if started.worker:  # one of several: say which, and whether it had the LoRAs at hand
+            text += f" on {started.worker}"
+            if record.loras:
+                text += ", LoRAs already in memory" if started.loras_in_memory else ", reading its LoRAs"
+        record.log(text)
+        if record.loras:
+            self._metrics.lora_sets.labels(str(started.loras_in_memory).lower()).inc()
 
     def _end(
         self, record: JobRecord, result: JobSucceeded | Outcome, inference_seconds: float | None

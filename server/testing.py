@@ -129,9 +129,10 @@ class LiveServer:
 
 
 @contextmanager
-def job_store(data_dir: Path) -> Iterator[SqlJobStore]:
-    """The job store of a server's data folder (the server stopped, or not), closed after use."""
-    database = Database(sqlite_url(data_dir / "jobs.sqlite"))
+def job_store(where: Path | str) -> Iterator[SqlJobStore]:
+    """A server's job store, closed after use: the one in its data folder (the server stopped, or not),
+    or at a database URL."""
+    database = Database(where if isinstance(where, str) else sqlite_url(where / "jobs.sqlite"))
     try:
         yield SqlJobStore(database)
     finally:
@@ -168,10 +169,21 @@ class PostgresServer:
             os.chown(self.folder, owner.pw_uid, owner.pw_gid)
         data = self.folder / "data"
         self._run("initdb", "-D", str(data), "-U", "flux2", "--auth=trust", "-E", "UTF8")
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run("pg_ctl", "-D", str(data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")
         self._data = data
         self._count = 0
+        self.start()
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.folder / "log")
+        self._run("pg_ctl", "-D", str(self._data), "-o", options, "-l", log, "-w", "start")
+
+    def restart(self, down_seconds: float) -> None:
+        """Stop the server (its connections cut, as in a real restart or failover), stay down a while,
+        start it again."""
+        self._run("pg_ctl", "-D", str(self._data), "-m", "fast", "-w", "stop")
+        time.sleep(down_seconds)
+        self.start()
 
     def _run(self, *command: str) -> None:
         subprocess.run([*self._as_user, *command], check=True, capture_output=True, timeout=120)

@@ -42,13 +42,23 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         def remote(listener: Listener) -> Worker:
-            return RemoteWorker(self._workers, listener)
+            return RemoteWorker(self._workers, listener, self._settings.ray_lora_affinity)
 
         return create_app(self._settings, self._registry, remote, worker_slots=self._settings.ray_workers_max)
 
 
 def application(settings: Settings, registry: Registry) -> Application:
-    """Both deployments, bound to the settings."""
+    """Both deployments, bound to the settings. Folders are made absolute here: replicas do not run in
+    the folder the operator started from."""
+    keys = settings.api_keys_file
+    settings = settings.model_copy(
+        update={
+            "data_dir": settings.data_dir.resolve(),
+            "cache_dir": settings.cache_dir.resolve(),
+            "lora_folders": tuple(folder.resolve() for folder in settings.lora_folders),
+            "api_keys_file": keys.resolve() if keys else None,
+        }
+    )
     if settings.ray_workers_min == settings.ray_workers_max:
         scaling: dict[str, Any] = {"num_replicas": settings.ray_workers_max}
     else:
@@ -80,22 +90,28 @@ def application(settings: Settings, registry: Registry) -> Application:
     return ingress.bind(settings, registry, workers)
 
 
-def run(settings: Settings, registry: Registry) -> None:
+def run(settings: Settings, registry: Registry) -> str | None:
     """`flux2-server serve --ray`: the application on a Ray cluster (`FLUX2_RAY_ADDRESS`), or on one
-    started here, until a stop signal; then it is taken down, the ingress draining as `serve` does."""
+    started here, until a stop signal; then it is taken down, the ingress draining as `serve` does.
+    Returns why it could not be deployed, if it could not (the replicas' own errors are logged above)."""
     ray.init(address=settings.ray_address, include_dashboard=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which sets its own (an abrupt exit)
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(application(settings, registry), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(application(settings, registry), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # a deployment whose replicas cannot start (a model that cannot load)
+            serve.shutdown()
+            return f"the Ray Serve application could not be deployed: {exc}"
         log.warning("serving on http://%s:%d (Ray Serve)", settings.host, settings.port)
         stop.wait()
         serve.delete(APP_NAME)
         serve.shutdown()
     finally:
         ray.shutdown()
+    return None
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -35,8 +35,9 @@ _LOST = (RayActorError, ActorUnavailableError)
 
 
 class RemoteWorker:
-    def __init__(self, deployment: DeploymentHandle[Any], listener: Listener) -> None:
+    def __init__(self, deployment: DeploymentHandle[Any], listener: Listener, affinity: bool = True) -> None:
         self._deployment = deployment
+        self._affinity = affinity  # route by LoRA set (off: Ray Serve's default routing, to compare)
         self._listener = listener
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -67,7 +68,8 @@ class RemoteWorker:
 
         lost = ""
         for attempt in (1, 2):
-            stream = self._deployment.options(stream=True, multiplexed_model_id=job.lora_set)
+            lora_set = job.lora_set if self._affinity else ""
+            stream = self._deployment.options(stream=True, multiplexed_model_id=lora_set)
             responses = cast(DeploymentResponseGenerator[Any], stream.run.remote(job))
             self._stream, answered = responses, False
             try:
@@ -87,6 +89,12 @@ class RemoteWorker:
                 if attempt == 1:
                     note = "the GPU worker replica running it was lost; running it again on another"
                     tell(JobNote(job.request_id, note))
+            except Exception as exc:  # anything else from Ray: this request fails, and only it
+                log.exception("the GPU worker deployment failed a request")
+                if not answered:
+                    detail = f"the GPU worker deployment failed: {type(exc).__name__}: {exc}"
+                    tell(JobFailed(job.request_id, FailureKind.INTERNAL, detail))
+                return
             finally:
                 self._stream = None
         detail = f"the GPU worker replica running it was lost twice ({lost.splitlines()[0]})"

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # its per-step chatter; one line below says it all
@@ -43,14 +47,61 @@ _ADVICE = (
 )
 
 
+_DISK_FULL = "53100"  # PostgreSQL's disk_full: not a server that went away, and not waited for
+
+
+def _went_away(exc: BaseException) -> bool:
+    """A database server that restarted or cannot be reached for now (not one that refuses the work)."""
+    return (
+        isinstance(exc, OperationalError | InterfaceError)
+        and getattr(exc.orig, "sqlstate", None) != _DISK_FULL
+    )
+
+
 class Database:
-    def __init__(self, url: str) -> None:
+    """`retry_seconds`: how long a PostgreSQL that went away (a restart, a failover) is waited for before
+    a unit of work fails; SQLite is a local file, and its errors are final."""
+
+    def __init__(self, url: str, retry_seconds: float = 15.0) -> None:
         self.url = sa.make_url(url)
-        if self.url.get_backend_name() == "sqlite" and self.url.database:
+        sqlite = self.url.get_backend_name() == "sqlite"
+        if sqlite and self.url.database:
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(self.url)
-        if self.url.get_backend_name() == "sqlite":
+        # pre-ping: a pooled connection the server dropped (it restarted) is replaced on checkout.
+        self.engine = sa.create_engine(self.url, pool_pre_ping=not sqlite)
+        if sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._retrying = Retrying(
+            retry=retry_if_exception(_went_away),
+            stop=stop_after_delay(0 if sqlite else retry_seconds),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+        self._waits = not sqlite
+        self._gone = False  # the last wait ran out, and nothing has succeeded since
+
+    def run(self, work: Callable[[sa.Connection], T]) -> T:
+        """`work` in one transaction, run again from the start while the server is away (within
+        `retry_seconds`): the store's every read and write goes through here. It blocks the caller
+        meanwhile, the event loop included, which is the price of never refusing or losing a request
+        over a database restart of a few seconds. Once a wait has run out, later work is tried once,
+        without waiting, until the database answers again: a long outage fails fast instead of stalling
+        everything one wait at a time."""
+        if self._gone:
+            result: T = self._transaction(work)
+        else:
+            try:
+                result = self._retrying(self._transaction, work)
+            except (OperationalError, InterfaceError) as exc:
+                self._gone = self._waits and _went_away(exc)
+                raise
+        self._gone = False
+        return result
+
+    def _transaction(self, work: Callable[[sa.Connection], T]) -> T:
+        with self.engine.begin() as connection:
+            return work(connection)
 
     def migrate(self) -> None:
         """Apply every migration this version has that the database lacks (none: nothing happens); a store

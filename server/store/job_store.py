@@ -36,7 +36,7 @@ _INSERTS: dict[str, Callable[[sa.Table], Any]] = {"sqlite": sqlite.insert, "post
 
 class SqlJobStore:
     def __init__(self, database: Database) -> None:
-        self._engine = database.engine
+        self._database = database
         insert = _INSERTS[database.url.get_backend_name()](jobs)
         self._upsert = insert.on_conflict_do_update(
             index_elements=[jobs.c.request_id],
@@ -47,8 +47,7 @@ class SqlJobStore:
 
     def save(self, record: JobRecord) -> None:
         row = {column.name: getattr(record, column.name) for column in jobs.columns}
-        with self._engine.begin() as connection:
-            connection.execute(self._upsert, row)
+        self._database.run(lambda connection: connection.execute(self._upsert, row))
 
     def load(self, request_id: str) -> JobRecord | None:
         rows = self._select(jobs.c.request_id == request_id)
@@ -64,26 +63,25 @@ class SqlJobStore:
 
     def request_ids(self) -> list[str]:
         """Every request id the store holds, repeats included (for fault checks: there must be none)."""
-        with self._engine.connect() as connection:
-            return list(connection.execute(sa.select(jobs.c.request_id)).scalars())
+        return self._database.run(
+            lambda connection: list(connection.execute(sa.select(jobs.c.request_id)).scalars())
+        )
 
     def _select(self, where: sa.ColumnElement[bool]) -> list[JobRecord]:
-        with self._engine.connect() as connection:
-            rows = connection.execute(sa.select(jobs).where(where).order_by(jobs.c.created_at)).all()
+        query = sa.select(jobs).where(where).order_by(jobs.c.created_at)
+        rows = self._database.run(lambda connection: connection.execute(query).all())
         return [_record(row._mapping) for row in rows]
 
     def settle_webhook(self, request_id: str) -> None:
         """The request's webhook arrived or was given up on: not to be sent again after a restart. (A
         request forgotten meanwhile stays forgotten.)"""
-        with self._engine.begin() as connection:
-            connection.execute(
-                sa.update(jobs).where(jobs.c.request_id == request_id).values(webhook_pending=False)
-            )
+        settle = sa.update(jobs).where(jobs.c.request_id == request_id).values(webhook_pending=False)
+        self._database.run(lambda connection: connection.execute(settle))
 
     def delete_finished_before(self, cutoff: float) -> int:
         """Forget requests that completed before `cutoff` (by the finish-time index); returns how many."""
-        with self._engine.begin() as connection:
-            return connection.execute(sa.delete(jobs).where(jobs.c.finished_at < cutoff)).rowcount
+        delete = sa.delete(jobs).where(jobs.c.finished_at < cutoff)
+        return self._database.run(lambda connection: connection.execute(delete).rowcount)
 
 
 def _record(row: Any) -> JobRecord:

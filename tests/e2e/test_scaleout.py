@@ -21,7 +21,7 @@ from diffusers import Flux2Transformer2DModel
 
 from pipeline.testing import linear_shapes, write_lora
 from pipeline.tiny import ensure_tiny_pipeline
-from server.testing import LiveServer
+from server.testing import LiveServer, free_port, installed_command, job_store
 from tests.node import JS_DIR, node_available
 
 APP = "fal-ai/flux-2/lora"
@@ -117,10 +117,18 @@ def test_a_lora_set_goes_back_to_the_replica_that_holds_it(
         holder[name] = _replica(ray_server, handle.request_id)[0][0]
     assert holder["style"] != holder["detail"]
     # Then one at a time, so both replicas are free each time: only affinity decides where each goes.
+    held_before = _held(ray_server)
     for name in ["style", "detail"] * 3:
         handle = fal.submit(APP, _body(loras[name], scale=0.55))
         handle.get()
         assert _replica(ray_server, handle.request_id)[0][0] == holder[name], name
+    assert _held(ray_server) == held_before + 6  # each found its LoRAs already parsed in memory
+
+
+def _held(ray_server: LiveServer) -> float:
+    metrics = httpx.get(f"{ray_server.url}/metrics", timeout=10).text
+    found = re.search(r'^flux2_lora_sets_started_total\{held="true"\} (\S+)$', metrics, re.MULTILINE)
+    return float(found[1]) if found else 0.0
 
 
 def test_the_js_client_streams_status_through_the_ray_ingress(ray_server: LiveServer) -> None:
@@ -156,6 +164,36 @@ def test_cancel_reaches_the_replica_running_the_request(
     assert len(after["images"]) == 1
 
 
+def test_a_killed_ingress_loses_nothing_it_accepted(ray_server: LiveServer) -> None:
+    queue = f"{ray_server.url}/queue/{APP}"
+    accepted = [httpx.post(queue, json=_body(steps=30), timeout=30).json() for _ in range(4)]
+    ingress = subprocess.run(
+        ["pgrep", "-f", "ServeReplica:flux2:ingress"], capture_output=True, text=True, check=True
+    )
+    os.kill(int(ingress.stdout.split()[0]), signal.SIGKILL)  # Ray Serve starts another, which recovers
+    deadline = time.monotonic() + 120
+    for request in accepted:
+        while True:
+            assert time.monotonic() < deadline, f"{request['request_id']} never completed"
+            try:
+                if httpx.get(request["status_url"], timeout=5).json().get("status") == "COMPLETED":
+                    break
+            except (httpx.TransportError, ValueError):  # no ingress for a moment
+                pass
+            time.sleep(0.2)
+        result = httpx.get(request["response_url"], timeout=10)
+        assert result.status_code == 200 and len(result.json()["images"]) == 1
+    logs = [
+        entry["message"]
+        for request in accepted
+        for entry in httpx.get(request["status_url"], params={"logs": 1}, timeout=10).json()["logs"]
+    ]
+    assert "requeued after a server restart" in logs  # the new ingress took them back from the store
+    with job_store(ray_server.data_dir) as store:
+        ids = store.request_ids()
+    assert all(ids.count(request["request_id"]) == 1 for request in accepted)
+
+
 def test_a_request_whose_replica_is_killed_runs_again_on_another(
     fal: fal_client.SyncClient, ray_server: LiveServer
 ) -> None:
@@ -171,3 +209,27 @@ def test_a_request_whose_replica_is_killed_runs_again_on_another(
     assert len(runs) == 2 and runs[0][1] != runs[1][1], runs
     logs = [entry["message"] for entry in handle.status(with_logs=True).logs or []]
     assert any("was lost; running it again on another" in message for message in logs)
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_load_stops_the_start_saying_why(tmp_path: Path, cache_dir: Path) -> None:
+    env = {
+        **os.environ,
+        "FLUX2_CACHE_DIR": str(cache_dir),
+        "FLUX2_RAY_GPUS_PER_WORKER": "0",
+        "FLUX2_MEMORY_PROFILE": "nope",
+        "FLUX2_PORT": str(free_port()),
+    }
+    run = subprocess.run(
+        [installed_command(), "serve", "--ray", "--model", "tiny"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 2
+    assert "model 'tiny' has no memory profile 'nope'" in run.stderr  # the replica's own error
+    assert run.stderr.splitlines()[-1].startswith(
+        "flux2-server: the Ray Serve application could not be deployed"
+    )

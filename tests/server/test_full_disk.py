@@ -50,7 +50,7 @@ def test_images_on_a_full_disk_fail_their_request_with_507(
 def test_a_full_job_store_refuses_new_requests_with_507_and_recovers(h: Harness) -> None:
     """SQLite's own "database or disk is full", made real by capping the store's pages."""
     kept = h.client.post(SUBMIT, json=BODY).json()
-    engine = h.services.scheduler.store._engine  # type: ignore[union-attr]
+    engine = h.services.scheduler.store._database.engine  # type: ignore[union-attr]
 
     def capped(connection: Any, record: Any) -> None:
         pages = connection.execute("PRAGMA page_count").fetchone()[0]

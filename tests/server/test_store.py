@@ -20,7 +20,7 @@ from server.outcome import Failure, failed
 from server.store.database import Database, sqlite_url
 from server.store.job_store import SqlJobStore
 from server.store.tables import metadata
-from server.testing import PostgresServer
+from server.testing import PostgresServer, free_port
 from tests.server.conftest import _harness
 
 SUBMIT = "/queue/fal-ai/flux-2/lora"
@@ -234,3 +234,17 @@ def test_memory_holds_only_unfinished_requests_and_a_restart_reads_only_those(tm
         assert h.client.put(finished["cancel_url"]).status_code == 400  # already completed
     finally:
         second.close()
+
+
+def test_a_database_that_went_away_is_waited_for_once_then_failed_fast() -> None:
+    database = Database(f"postgresql+psycopg://flux2@127.0.0.1:{free_port()}/jobs", retry_seconds=0.6)
+    store = SqlJobStore(database)
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):
+        store.load("anything")
+    assert time.monotonic() - started >= 0.6  # waited for it to come back, with retries
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):
+        store.load("anything")
+    assert time.monotonic() - started < 0.5  # still gone: no second wait until it answers again
+    database.close()
