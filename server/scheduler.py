@@ -89,7 +89,7 @@ class Scheduler:
             self._loop.call_soon_threadsafe(self.workers.abandon if again else self.begin_shutdown)
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Let the running generation finish within `grace` seconds and record it; stop the worker."""
+        """Let the running generations finish within `grace` seconds and record them; stop the workers."""
         self.begin_shutdown()
         self.fetch.stop()  # those requests are fetched again after the next start
         await self.workers.finish(grace)
@@ -211,7 +211,7 @@ class Scheduler:
     def _unavailable(self) -> Outcome:
         return failed(Failure.UNAVAILABLE, f"the model is unavailable: {self.workers.failure}")
 
-    # --- what the workers say ------------------------------------------------------------------------
+    # --- what the workers say ----------------------------------------------------------------------------
 
     def worker_idle(self) -> None:
         """Hand each idle worker the next waiting request, while there are both."""
