@@ -81,6 +81,7 @@ class JobRecord:
     webhook_pending: bool = False  # completed, and its webhook neither delivered nor given up on yet
     owner: str | None = None  # digest of the API key that submitted it (None when keys are off)
     durable: bool = False  # kept in the job store (queue requests); sync runs live and die with their caller
+    passed_over: int = 0  # times a request behind it started first (a worker holding its LoRAs took it)
     version: int = 0  # bumped on every change, so watchers can tell what they have seen
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 

@@ -214,16 +214,17 @@ class Scheduler:
     # --- what the workers say ----------------------------------------------------------------------------
 
     def worker_idle(self) -> None:
-        """Hand each idle worker the next waiting request, while there are both."""
-        while not self.draining and self.workers.idle:
-            record = self.queue.pop()
+        """Hand each idle worker the next waiting request, while there are both; a worker better placed
+        for one a little further down the queue (it holds its LoRAs) takes that one."""
+        while not self.draining and (slot := self.workers.idle_slot()) is not None:
+            record = self.queue.pop(prefer=slot.prefers)
             if record is None:
                 return
             record.move_to(JobStatus.IN_PROGRESS)
             self.completion.persist(record)
             self.metrics.started(record)
             log.info("started", extra={"request_id": record.request_id})
-            self.workers.run(record)
+            slot.run(record)
 
     def job_ended(
         self, record: JobRecord, result: JobSucceeded | Outcome, inference_seconds: float | None

@@ -44,6 +44,7 @@ class Worker(Protocol):
     def cancel(self, request_id: str) -> None: ...
     def kill(self) -> None: ...  # at once, without asking: it exits, and says so (`WorkerExited`)
     def stop(self, timeout: float = 10.0) -> None: ...
+    def prefers(self, job: Job) -> bool: ...  # better placed for it than for others (holds its LoRAs)
 
 
 WorkerFactory = Callable[[Listener], Worker]  # given where to send the worker's messages
@@ -153,6 +154,10 @@ class WorkerSupervisor:
         if self._worker is not None:
             self._worker.kill()
             self._worker.stop(timeout=2.0)
+
+    def prefers(self, record: JobRecord) -> bool:
+        """Whether the worker is better placed for this waiting request than for others."""
+        return self._worker is not None and self._worker.prefers(record.job())
 
     def cancel(self, record: JobRecord) -> None:
         """Ask the worker to stop the job in hand at its next step (it answers with JobFailed)."""

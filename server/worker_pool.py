@@ -69,9 +69,9 @@ class WorkerPool:
         for slot in self.slots:
             slot.stop()
 
-    def run(self, record: JobRecord) -> None:
-        """Hand the job to an idle slot; only when `idle`."""
-        next(slot for slot in self.slots if slot.idle).run(record)
+    def idle_slot(self) -> WorkerSupervisor | None:
+        """A slot that can take a job now (it says which waiting job it would rather have)."""
+        return next((slot for slot in self.slots if slot.idle), None)
 
     def cancel(self, record: JobRecord) -> None:
         for slot in self.slots:

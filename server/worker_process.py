@@ -79,6 +79,9 @@ class WorkerProcess:
     def submit(self, job: Job) -> None:
         self._inbox.put(job)
 
+    def prefers(self, job: Job) -> bool:
+        return False  # the only worker: every job is as good as another
+
     def cancel(self, request_id: str) -> None:
         """Ask the running job to stop at its next denoising step."""
         self._cancelled_id.value = request_id.encode()[:_REQUEST_ID_BYTES]

@@ -25,7 +25,7 @@ from pipeline.models import Registry, load_registry
 from server.app import create_app
 from server.config import Settings
 from server.scaleout.gpu_worker import GpuWorker
-from server.scaleout.remote_worker import RemoteWorker
+from server.scaleout.remote_worker import LoraPlacement, RemoteWorker
 from server.supervisor import Worker
 from server.worker_process import Listener
 
@@ -41,10 +41,13 @@ class Ingress:
         self._settings, self._registry, self._workers = settings, registry, workers
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        def remote(listener: Listener) -> Worker:
-            return RemoteWorker(self._workers, listener, self._settings.ray_lora_affinity)
+        settings = self._settings
+        placement = LoraPlacement(settings.ray_lora_sets_per_worker) if settings.ray_lora_affinity else None
 
-        return create_app(self._settings, self._registry, remote, worker_slots=self._settings.ray_workers_max)
+        def remote(listener: Listener) -> Worker:
+            return RemoteWorker(self._workers, listener, placement)
+
+        return create_app(settings, self._registry, remote, worker_slots=settings.ray_workers_max)
 
 
 def application(settings: Settings, registry: Registry) -> Application:

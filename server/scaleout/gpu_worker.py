@@ -66,14 +66,14 @@ class GpuWorker:
 
         running = loop.run_in_executor(None, work)
         try:
-            while True:
-                message = await messages.get()
+            while not isinstance(message := await messages.get(), JobSucceeded | JobFailed):
                 yield message
-                if isinstance(message, JobSucceeded | JobFailed):
-                    break
             await running
             while not messages.empty():  # the worker's figures after the job
                 yield messages.get_nowait()
+            # The outcome last: the ingress hands out the next job when it arrives, and this replica is
+            # free for it only once the stream has ended.
+            yield message
         finally:
             stop.set()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict, defaultdict
 from typing import Any, cast
 
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -24,6 +25,7 @@ from pipeline.messages import (
     Job,
     JobFailed,
     JobNote,
+    JobStarted,
     JobSucceeded,
     WorkerStartupFailed,
 )
@@ -34,10 +36,58 @@ log = logging.getLogger(__name__)
 _LOST = (RayActorError, ActorUnavailableError)
 
 
+class LoraPlacement:
+    """Which LoRA sets each replica ran last (as many as Ray Serve routes it as holding,
+    `FLUX2_RAY_LORA_SETS_PER_WORKER`) and which replicas have a job, as an ingress's slots saw them: a
+    slot that frees up takes a waiting job whose LoRAs a free replica holds, and the job's set id takes it
+    there. A job sent that way counts its replica busy at once, before the replica says it started, so
+    the next slot does not count on the same replica."""
+
+    def __init__(self, per_replica: int) -> None:
+        self._per_replica = per_replica
+        self._held: defaultdict[str, OrderedDict[str, None]] = defaultdict(OrderedDict)
+        self._busy: set[str] = set()
+
+    def _free_holder(self, lora_set: str) -> str | None:
+        return next(
+            (
+                replica
+                for replica, held in self._held.items()
+                if lora_set in held and replica not in self._busy
+            ),
+            None,
+        )
+
+    def free_replica_holds(self, lora_set: str) -> bool:
+        return self._free_holder(lora_set) is not None
+
+    def reserve(self, lora_set: str) -> str:
+        """The free replica the job is expected on (now busy), or "" when none holds its set."""
+        replica = self._free_holder(lora_set) or ""
+        if replica:
+            self._busy.add(replica)
+        return replica
+
+    def started(self, replica: str, lora_set: str, reserved: str) -> None:
+        """The job started on `replica` (Ray may have sent it elsewhere than to the one reserved)."""
+        self._busy.discard(reserved)
+        self._busy.add(replica)
+        held = self._held[replica]
+        held[lora_set] = None
+        held.move_to_end(lora_set)
+        while len(held) > self._per_replica:
+            held.popitem(last=False)
+
+    def finished(self, replica: str) -> None:
+        self._busy.discard(replica)
+
+
 class RemoteWorker:
-    def __init__(self, deployment: DeploymentHandle[Any], listener: Listener, affinity: bool = True) -> None:
+    def __init__(
+        self, deployment: DeploymentHandle[Any], listener: Listener, placement: LoraPlacement | None = None
+    ) -> None:
         self._deployment = deployment
-        self._affinity = affinity  # route by LoRA set (off: Ray Serve's default routing, to compare)
+        self._placement = placement  # None: Ray Serve's default routing (to compare), not by LoRA set
         self._listener = listener
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -61,14 +111,28 @@ class RemoteWorker:
         self._job = job
         self._task = self._loop.create_task(self._run(job))
 
+    def prefers(self, job: Job) -> bool:
+        """Whether a free replica holds the job's LoRAs: sent with their set's id, it goes there."""
+        return self._placement is not None and self._placement.free_replica_holds(job.lora_set)
+
     async def _run(self, job: Job) -> None:
+        placement = self._placement
+        where = placement.reserve(job.lora_set) if placement is not None else ""  # the replica it is on
+
         def tell(message: FromWorker) -> None:
-            if self._job is job:  # not let go of (`kill`)
-                self._listener(message)
+            nonlocal where
+            if self._job is not job:  # let go of (`kill`)
+                return
+            if placement is not None and isinstance(message, JobStarted):
+                placement.started(message.worker, job.lora_set, where)
+                where = message.worker
+            elif placement is not None and isinstance(message, JobSucceeded | JobFailed):
+                placement.finished(where)  # before the outcome frees the slot for the next job
+            self._listener(message)
 
         lost = ""
         for attempt in (1, 2):
-            lora_set = job.lora_set if self._affinity else ""
+            lora_set = job.lora_set if placement is not None else ""
             stream = self._deployment.options(stream=True, multiplexed_model_id=lora_set)
             responses = cast(DeploymentResponseGenerator[Any], stream.run.remote(job))
             self._stream, answered = responses, False
@@ -97,6 +161,8 @@ class RemoteWorker:
                 return
             finally:
                 self._stream = None
+                if placement is not None:
+                    placement.finished(where)
         detail = f"the GPU worker replica running it was lost twice ({lost.splitlines()[0]})"
         tell(JobFailed(job.request_id, FailureKind.WORKER_LOST, detail))
 

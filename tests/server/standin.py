@@ -65,6 +65,9 @@ class StandInWorker:
         if not self.hold:
             self._loop.call_soon(self._finish)
 
+    def prefers(self, job: Job) -> bool:
+        return False
+
     def cancel(self, request_id: str) -> None:
         assert self._loop is not None
         if not self.hang and self._running is not None and self._running.request_id == request_id:

@@ -51,6 +51,9 @@ class QuietWorker:
     def cancel(self, request_id: str) -> None:
         pass
 
+    def prefers(self, job: Job) -> bool:
+        return False
+
     def stop(self, timeout: float = 10.0) -> None:
         pass
 

@@ -54,11 +54,14 @@ def test_jobs_go_to_idle_slots_and_a_cancel_to_the_one_running_it(tmp_path: Path
         workers[1].listener(READY)
         assert pool.state is WorkerState.READY and pool.idle
         first, second = record("a"), record("b")
-        pool.run(first)
+        assert pool.idle_slot() is pool.slots[1]
+        pool.slots[1].run(first)
         assert [job.request_id for job in workers[1].submitted] == ["a"] and not pool.idle
         workers[0].listener(READY)
-        pool.run(second)
+        assert pool.idle_slot() is pool.slots[0]
+        pool.slots[0].run(second)
         assert [job.request_id for job in workers[0].submitted] == ["b"] and pool.running == 2
+        assert pool.idle_slot() is None
         workers[0].listener(JobStarted("b", "replica x"))
         assert second.logs[-1].message == "generation started on replica x"
         pool.cancel(second)
@@ -94,3 +97,18 @@ def test_a_lora_set_is_its_files_and_scales_in_any_order() -> None:
     rescaled = ResolvedLora("/a", "aa" * 32, 0.7, "x")
     assert Job("1", PARAMS, (style,)).lora_set != Job("1", PARAMS, (rescaled,)).lora_set
     assert Job("1", PARAMS).lora_set == "no-loras" != Job("1", PARAMS, (style,)).lora_set
+
+
+def test_lora_placement_knows_which_free_replica_holds_a_set() -> None:
+    from server.scaleout.remote_worker import LoraPlacement
+
+    placement = LoraPlacement(per_replica=2)
+    for lora_set in ("a", "b", "a", "c"):
+        placement.started("replica 1", lora_set, reserved="")
+    assert not placement.free_replica_holds("a")  # replica 1 holds it, but is busy
+    placement.finished("replica 1")
+    assert [placement.free_replica_holds(s) for s in "abc"] == [True, False, True]  # b: least recent
+    assert placement.reserve("a") == "replica 1"  # sent there: busy before it says it started
+    assert not placement.free_replica_holds("c") and placement.reserve("c") == ""
+    placement.started("replica 2", "a", reserved="replica 1")  # Ray chose another: the first is free
+    assert placement.free_replica_holds("c") and not placement.free_replica_holds("b")
