@@ -205,10 +205,10 @@ def serve_job(
         send(JobNote(job.request_id, note))
 
     send(run_job(generator, job, on_step, cancelled, on_note))
-    send(worker_stats(generator, worker))
+    send(_worker_stats(generator, worker))
 
 
-def worker_stats(generator: ImageGenerator, worker: str = "") -> WorkerStats:
+def _worker_stats(generator: ImageGenerator, worker: str = "") -> WorkerStats:
     import torch
     from torch._dynamo.utils import counters
 

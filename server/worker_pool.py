@@ -42,10 +42,6 @@ class WorkerPool:
         return WorkerState.FAILED
 
     @property
-    def idle(self) -> bool:
-        return any(slot.idle for slot in self.slots)
-
-    @property
     def ready_info(self) -> WorkerReady | None:
         return next((slot.ready_info for slot in self.slots if slot.ready_info is not None), None)
 
@@ -56,10 +52,6 @@ class WorkerPool:
     @property
     def restarts(self) -> int:
         return sum(slot.restarts for slot in self.slots)
-
-    @property
-    def running(self) -> int:
-        return sum(slot.running is not None for slot in self.slots)
 
     def start(self) -> None:
         for slot in self.slots:

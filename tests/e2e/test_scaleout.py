@@ -22,6 +22,7 @@ from diffusers import Flux2Transformer2DModel
 from pipeline.testing import linear_shapes, write_lora
 from pipeline.tiny import ensure_tiny_pipeline
 from server.testing import LiveServer, free_port, installed_command, job_store
+from tests.e2e.conftest import fal_client_at
 from tests.node import JS_DIR, node_available
 
 APP = "fal-ai/flux-2/lora"
@@ -63,10 +64,7 @@ def ray_server(
 
 @pytest.fixture
 def fal(ray_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> fal_client.SyncClient:
-    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{ray_server.url}/")
-    monkeypatch.setattr(fal_client.client, "QUEUE_URL_FORMAT", f"{ray_server.url}/queue/")
-    monkeypatch.setenv("FAL_KEY", "any-key")
-    return fal_client.SyncClient()
+    return fal_client_at(ray_server, monkeypatch)
 
 
 def _body(lora: Path | None = None, steps: int = 4, scale: float = 0.8, **extra: Any) -> dict[str, Any]:

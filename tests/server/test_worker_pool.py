@@ -50,17 +50,19 @@ def record(request_id: str) -> JobRecord:
 
 def test_jobs_go_to_idle_slots_and_a_cancel_to_the_one_running_it(tmp_path: Path) -> None:
     def scenario(pool: WorkerPool, workers: list[CancelledWorker], events: Events) -> None:
-        assert pool.state is WorkerState.STARTING and not pool.idle
+        assert pool.state is WorkerState.STARTING and pool.idle_slot() is None
         workers[1].listener(READY)
-        assert pool.state is WorkerState.READY and pool.idle
+        assert pool.state is WorkerState.READY and pool.idle_slot() is pool.slots[1]
         first, second = record("a"), record("b")
         assert pool.idle_slot() is pool.slots[1]
         pool.slots[1].run(first)
-        assert [job.request_id for job in workers[1].submitted] == ["a"] and not pool.idle
+        assert [job.request_id for job in workers[1].submitted] == ["a"] and pool.idle_slot() is None
         workers[0].listener(READY)
         assert pool.idle_slot() is pool.slots[0]
         pool.slots[0].run(second)
-        assert [job.request_id for job in workers[0].submitted] == ["b"] and pool.running == 2
+        assert [job.request_id for job in workers[0].submitted] == ["b"] and all(
+            slot.running for slot in pool.slots
+        )
         assert pool.idle_slot() is None
         workers[0].listener(JobStarted("b", "replica x"))
         assert second.logs[-1].message == "generation started on replica x"
@@ -75,7 +77,7 @@ def test_the_pool_serves_while_one_slot_has_failed(tmp_path: Path) -> None:
         workers[0].listener(WorkerStartupFailed("no replica answered"))
         assert pool.state is WorkerState.STARTING and events.unavailable == 0
         workers[1].listener(READY)
-        assert pool.state is WorkerState.READY and pool.idle and events.unavailable == 0
+        assert pool.state is WorkerState.READY and pool.idle_slot() is not None and events.unavailable == 0
 
     run(scenario, tmp_path)
 
