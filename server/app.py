@@ -14,6 +14,7 @@ from pipeline.models import Registry
 from server import openapi
 from server.auth import KeyRing
 from server.config import Settings
+from server.desk import Desk, LocalDesk
 from server.errors import FalHTTPError, handle_fal_error
 from server.fetch.lora_fetcher import LoraFetcher
 from server.fetch.reference_images import ReferenceFetcher
@@ -62,50 +63,93 @@ def _body_caps(settings: Settings) -> Callable[[str], int | None]:
     return cap
 
 
+def _webhooks(settings: Settings) -> WebhookSender:
+    signer = WebhookSigner(settings.data_dir / "keys")
+    return WebhookSender(signer, allow_private_addresses=settings.allow_private_webhook_urls)
+
+
+class BackOffice:
+    """Everything behind the desk, in the one process that holds the queue: the fetch stage, the
+    scheduler and its workers, completion, webhooks, metrics and the clean-up of old requests. The
+    single-process server has it inside its app; in scale-out it is the dispatcher deployment."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        database: Database,
+        files: FileStore,
+        worker_factory: WorkerFactory | None = None,
+        worker_slots: int = 1,
+    ) -> None:
+        self.settings = settings
+        self.fetcher = LoraFetcher(settings.lora_policy())
+        self.webhooks = _webhooks(settings)
+
+        def spawn_worker(listener: Listener) -> Worker:
+            return WorkerProcess(settings.worker_config(registry), listener)
+
+        references = ReferenceFetcher(settings.reference_policy(), self.fetcher.downloads, files)
+        self.scheduler = Scheduler(
+            worker_factory or spawn_worker,
+            OutputBuilder(files),
+            FetchStage(self.fetcher, references),
+            Metrics(self.fetcher.cache),
+            store=SqlJobStore(database),
+            webhooks=self.webhooks,
+            limits=settings.watchdog_limits(),
+            worker_slots=worker_slots,
+        )
+        self.files = files
+        self.desk = LocalDesk(self.scheduler, settings.model or "auto")
+        self._cleaner: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the workers and take back what the store holds (on the running event loop)."""
+        self.scheduler.start()
+        self.scheduler.recover()
+        ttl = self.settings.result_ttl_seconds
+        self._cleaner = asyncio.create_task(_clean_up(self.scheduler, self.files, ttl))
+
+    async def stop(self) -> None:
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+        await self.scheduler.stop(self.settings.shutdown_grace_seconds)
+        await self.fetcher.aclose()
+        await self.webhooks.aclose()
+
+
 def create_app(
     settings: Settings,
     registry: Registry,
     worker_factory: WorkerFactory | None = None,
     worker_slots: int = 1,
+    desk: Desk | None = None,
 ) -> FastAPI:
     """Build the app. `worker_factory` puts other workers behind the typed worker interface (stand-ins in
-    unit tests, Ray Serve replicas in scale-out, with a slot per replica)."""
+    unit tests, Ray Serve replicas in scale-out, with a slot per replica). `desk` makes the app an
+    ingress that leaves the requests to a back office elsewhere (a scale-out ingress replica's
+    `RemoteDesk`); without it, the back office is in this process."""
     database = Database(settings.job_store_url, settings.database_retry_seconds)
     database.migrate()  # before anything is served: a store that cannot be opened stops the start
     files = FileStore(settings.files_dir, database)
-    fetcher = LoraFetcher(settings.lora_policy())
-    metrics = Metrics(fetcher.cache)
-    store = SqlJobStore(database)
-    webhooks = WebhookSender(
-        WebhookSigner(settings.data_dir / "keys"), allow_private_addresses=settings.allow_private_webhook_urls
-    )
-
-    def spawn_worker(listener: Listener) -> Worker:
-        return WorkerProcess(settings.worker_config(registry), listener)
-
-    scheduler = Scheduler(
-        worker_factory or spawn_worker,
-        OutputBuilder(files),
-        FetchStage(fetcher, ReferenceFetcher(settings.reference_policy(), fetcher.downloads, files)),
-        metrics,
-        store=store,
-        webhooks=webhooks,
-        limits=settings.watchdog_limits(),
-        worker_slots=worker_slots,
-    )
+    office = None
+    if desk is None:
+        office = BackOffice(settings, registry, database, files, worker_factory, worker_slots)
+        desk = office.desk
+    webhooks = office.webhooks if office else _webhooks(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
-        scheduler.recover()
-        cleaner = asyncio.create_task(_clean_up(scheduler, files, settings.result_ttl_seconds))
+        if office is not None:
+            await office.start()
         try:
             yield
         finally:
-            cleaner.cancel()
-            await scheduler.stop(settings.shutdown_grace_seconds)
-            await fetcher.aclose()
-            await webhooks.aclose()
+            if office is not None:
+                await office.stop()
+            else:
+                await webhooks.aclose()
             database.close()
 
     app = FastAPI(
@@ -116,10 +160,10 @@ def create_app(
     )
     app.state.services = Services(
         settings=settings,
-        scheduler=scheduler,
+        desk=desk,
+        scheduler=office.scheduler if office else None,
         files=files,
         keys=KeyRing.from_settings(settings.api_keys, settings.api_keys_file),
-        metrics=metrics,
         webhooks=webhooks,
         uploads=PendingUploads(),
     )

@@ -153,7 +153,8 @@ def serve(settings: Settings) -> int:
             again = self.should_exit
             super().handle_exit(sig, frame)
             self.force_exit = self.force_exit or again  # SIGTERM twice as well as Ctrl-C twice
-            services.scheduler.stop_signal(again)
+            if services.scheduler is not None:
+                services.scheduler.stop_signal(again)
 
     Server(config).run()
     return 0

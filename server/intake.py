@@ -9,9 +9,10 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from server.auth import request_owner
+from server.config import Settings
 from server.errors import FalHTTPError, invalid_body, not_json_body
 from server.jobs import JobRecord, Priority
-from server.outcome import Failure, failed, input_error
+from server.outcome import input_error
 from server.schemas import APPS
 from server.services import Services
 
@@ -23,21 +24,16 @@ def base_url(request: Request, public_url: str | None) -> str:
     return (public_url or str(request.base_url)).rstrip("/") + "/"
 
 
-def refuse_when_busy(request: Request, services: Services) -> None:
-    """503 while shutting down; 429 when the queue is longer than the server allows, or than the client's
-    `fal_max_queue_length`."""
-    scheduler = services.scheduler
-    if scheduler.draining:
-        shutting_down = failed(Failure.UNAVAILABLE, "The server is shutting down; try again shortly")
-        raise FalHTTPError(shutting_down.status_code, shutting_down.body, shutting_down.headers)
-    limit = services.settings.max_queue
+def queue_limit(request: Request, settings: Settings) -> int:
+    """How many may wait before a new request is refused (429): the server's limit, or the client's
+    `fal_max_queue_length` when lower."""
+    limit = settings.max_queue
     asked = request.query_params.get("fal_max_queue_length")
     if asked is not None:
         if not asked.isdigit():
             raise FalHTTPError(400, {"detail": f"fal_max_queue_length must be a whole number, not {asked!r}"})
         limit = min(limit, int(asked))
-    if scheduler.waiting >= limit:
-        raise FalHTTPError(429, {"detail": f"The queue is full ({scheduler.waiting} requests waiting)"})
+    return limit
 
 
 def _start_timeout(request: Request) -> float | None:

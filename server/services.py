@@ -10,8 +10,8 @@ from fastapi import Depends, Request
 if TYPE_CHECKING:  # types only: the modules below (auth's dependency among them) import this one
     from server.auth import KeyRing
     from server.config import Settings
+    from server.desk import Desk
     from server.files import FileStore
-    from server.metrics import Metrics
     from server.scheduler import Scheduler
     from server.uploads import PendingUploads
     from server.webhooks import WebhookSender
@@ -20,10 +20,10 @@ if TYPE_CHECKING:  # types only: the modules below (auth's dependency among them
 @dataclass(frozen=True)
 class Services:
     settings: Settings
-    scheduler: Scheduler
+    desk: Desk  # the requests: accept, find, watch, cancel; readiness and metrics
+    scheduler: Scheduler | None  # where the queue is in this process (not on a scale-out ingress)
     files: FileStore
     keys: KeyRing
-    metrics: Metrics
     webhooks: WebhookSender
     uploads: PendingUploads
 

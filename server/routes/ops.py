@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import request_owner, require_key
 from server.errors import FalHTTPError
 from server.openapi import errors
 from server.schemas import ReadyBody
 from server.services import ServicesDep
-from server.supervisor import WorkerState
 
 router = APIRouter(tags=["operations"])
 
@@ -28,25 +27,7 @@ async def health() -> dict[str, str]:
     responses={503: {"model": ReadyBody, "description": "Not ready"}},
 )
 async def ready(services: ServicesDep) -> JSONResponse:
-    workers = services.scheduler.workers
-    info = workers.ready_info
-    body = {
-        "ready": workers.state is WorkerState.READY,
-        "state": workers.state.value,
-        "model": info.model if info else services.settings.model or "auto",
-        "device": info.device if info else None,
-        "dtype": info.dtype if info else None,
-        "compiled": info.compiled if info else None,
-        "compile_seconds": info.compile_seconds if info else None,
-        "compiled_graphs_reused": info.compiled_graphs_reused if info else None,
-        "attention_backend": info.attention_backend if info else None,
-        "memory_profile": info.memory_profile if info else None,
-        "memory_bytes": dict(info.memory) if info else None,
-        "worker_pid": info.pid if info and workers.state is WorkerState.READY else None,
-        "queue_depth": len(services.scheduler.queue),
-        "worker_restarts": workers.restarts,
-        "error": workers.failure,
-    }
+    body = await services.desk.readiness()
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
@@ -66,7 +47,7 @@ async def jwks(services: ServicesDep) -> JSONResponse:
     responses={200: {"content": {"text/plain": {}}}},
 )
 async def metrics(services: ServicesDep) -> Response:
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await services.desk.metrics(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(

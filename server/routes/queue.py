@@ -14,12 +14,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.auth import request_owner, require_key
+from server.desk import Desk, RequestView
 from server.errors import FalHTTPError, outcome_response
-from server.intake import new_record, refuse_when_busy
-from server.jobs import JobRecord, JobStatus
+from server.intake import new_record, queue_limit
+from server.jobs import JobStatus
 from server.middleware import answer_as
 from server.openapi import body_schema, errors
-from server.scheduler import CancelResult, NotAccepted, Scheduler
+from server.scheduler import CancelResult, NotAccepted
 from server.schemas import APPS, CancelBody, Flux2Output, QueueStatusBody
 from server.services import Services, ServicesDep
 
@@ -30,51 +31,47 @@ _REQUEST = "/{owner}/{alias}/requests/{request_id}"
 _STREAM_TICK_SECONDS = 1.0
 
 
-def _urls(record: JobRecord) -> dict[str, str]:
-    owner, alias = record.app_id.split("/")[:2]
-    base = f"{record.base_url}queue/{owner}/{alias}/requests/{record.request_id}"
+def _urls(view: RequestView) -> dict[str, str]:
+    owner, alias = view.app_id.split("/")[:2]
+    base = f"{view.base_url}queue/{owner}/{alias}/requests/{view.request_id}"
     return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
 
 
-def _find(request: Request, scheduler: Scheduler, owner: str, alias: str, request_id: str) -> JobRecord:
-    """The record, or a 404; the app in the URL must be the one the request was submitted to."""
+async def _find(request: Request, desk: Desk, owner: str, alias: str, request_id: str) -> RequestView:
+    """The request, or a 404; the app in the URL must be the one the request was submitted to."""
     answer_as(request, request_id)
-    record = _visible(request, scheduler, owner, alias, request_id)
-    if record is None:
+    view = await _visible(request, desk, owner, alias, request_id)
+    if view is None:
         raise FalHTTPError(404, {"detail": f"Request {request_id!r} not found"})
-    return record
+    return view
 
 
-def _visible(
-    request: Request, scheduler: Scheduler, owner: str, alias: str, request_id: str
-) -> JobRecord | None:
-    """The record if it exists for this app and belongs to the caller's key (404 otherwise: never 403,
+async def _visible(
+    request: Request, desk: Desk, owner: str, alias: str, request_id: str
+) -> RequestView | None:
+    """The request if it exists for this app and belongs to the caller's key (404 otherwise: never 403,
     which would confirm that someone else's request id exists)."""
-    record = scheduler.find(request_id)
-    if (
-        record is None
-        or record.app_id.split("/")[:2] != [owner, alias]
-        or record.owner != request_owner(request)
-    ):
+    view = await desk.find(request_id)
+    if view is None or view.app_id.split("/")[:2] != [owner, alias] or view.owner != request_owner(request):
         return None
-    return record
+    return view
 
 
-def status_body(scheduler: Scheduler, record: JobRecord, with_logs: bool) -> dict[str, Any]:
+def status_body(view: RequestView, with_logs: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "status": record.status.value,
-        "request_id": record.request_id,
-        **_urls(record),
-        "queue_position": scheduler.queue_position(record),
-        "logs": [entry.to_json() for entry in record.logs] if with_logs else None,
+        "status": view.status.value,
+        "request_id": view.request_id,
+        **_urls(view),
+        "queue_position": view.queue_position,
+        "logs": [entry.to_json() for entry in view.logs] if with_logs else None,
     }
-    if record.done:
-        assert record.outcome is not None
-        seconds = record.inference_seconds
+    if view.done:
+        assert view.outcome is not None
+        seconds = view.inference_seconds
         body["metrics"] = {"inference_time": seconds} if seconds is not None else {}
-        if not record.outcome.ok:
-            body["error"] = record.outcome.error
-            body["error_type"] = record.outcome.error_type
+        if not view.outcome.ok:
+            body["error"] = view.outcome.error
+            body["error_type"] = view.outcome.error_type
     return body
 
 
@@ -95,17 +92,16 @@ async def _webhook(request: Request, services: Services) -> str | None:
 
 def _add_submit_route(app_id: str) -> None:
     async def submit(request: Request, services: ServicesDep) -> JSONResponse:
-        scheduler = services.scheduler
-        refuse_when_busy(request, services)
+        limit = queue_limit(request, services.settings)
         record = await new_record(app_id, request, services)
         record.durable = True  # kept in the job store: it must survive a restart
         record.webhook_url = await _webhook(request, services)
         try:
-            scheduler.accept(record)
+            view = await services.desk.accept(record, limit)
         except NotAccepted as refused:
             return outcome_response(refused.outcome)
         answer_as(request, record.request_id)
-        body = {**status_body(scheduler, record, with_logs=False), "status": JobStatus.IN_QUEUE.value}
+        body = {**status_body(view, with_logs=False), "status": JobStatus.IN_QUEUE.value}
         body["queue_position"] = body["queue_position"] or 0
         return JSONResponse(body)
 
@@ -134,9 +130,9 @@ for _app_id in APPS:
 async def status(
     request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
 ) -> JSONResponse:
-    record = _find(request, services.scheduler, owner, alias, request_id)
-    body = status_body(services.scheduler, record, _wants_logs(request))
-    return JSONResponse(body, status_code=200 if record.done else 202)
+    view = await _find(request, services.desk, owner, alias, request_id)
+    body = status_body(view, _wants_logs(request))
+    return JSONResponse(body, status_code=200 if view.done else 202)
 
 
 @router.get(
@@ -148,8 +144,8 @@ async def status(
 async def status_stream(
     request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
 ) -> StreamingResponse:
-    scheduler, with_logs = services.scheduler, _wants_logs(request)
-    record = _find(request, scheduler, owner, alias, request_id)
+    desk, with_logs = services.desk, _wants_logs(request)
+    await _find(request, desk, owner, alias, request_id)
     ping_seconds = services.settings.sse_ping_seconds
 
     async def events() -> AsyncIterator[str]:
@@ -157,23 +153,17 @@ async def status_stream(
         last_state: dict[str, Any] | None = None
         logs_sent = 0
         last_write = time.monotonic()
-        while True:
-            seen = record.version
-            state = status_body(scheduler, record, with_logs=False)
-            new_logs = record.logs[logs_sent:] if with_logs else []
+        # A view at any change, and at least every tick for queue positions and pings.
+        async for view in desk.watch(request_id, min(_STREAM_TICK_SECONDS, ping_seconds)):
+            state = status_body(view, with_logs=False)
+            new_logs = view.logs[logs_sent:] if with_logs else ()
             if state != last_state or new_logs:
                 event = {**state, "logs": [entry.to_json() for entry in new_logs] if with_logs else None}
                 yield f"data: {json.dumps(event)}\n\n"
                 last_state, logs_sent, last_write = state, logs_sent + len(new_logs), time.monotonic()
-                if record.done:
-                    return
             elif time.monotonic() - last_write >= ping_seconds:
                 yield ": ping\n\n"
                 last_write = time.monotonic()
-            if scheduler.draining and record.status is JobStatus.IN_QUEUE:
-                return  # it will not start before the server's next start: do not hold the shutdown
-            # Wake on any change to the record, and at least every tick for queue position and pings.
-            await record.wait_for_change(seen, min(_STREAM_TICK_SECONDS, ping_seconds))
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -188,11 +178,11 @@ async def status_stream(
 async def result(
     request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
 ) -> JSONResponse:
-    record = _find(request, services.scheduler, owner, alias, request_id)
-    if not record.done:
+    view = await _find(request, services.desk, owner, alias, request_id)
+    if not view.done:
         raise FalHTTPError(400, {"detail": "Request is still in progress"})
-    assert record.outcome is not None
-    return outcome_response(record.outcome)
+    assert view.outcome is not None
+    return outcome_response(view.outcome)
 
 
 _CANCEL_CODES = {
@@ -217,7 +207,7 @@ async def cancel(
     request: Request, services: ServicesDep, owner: str, alias: str, request_id: str
 ) -> JSONResponse:
     answer_as(request, request_id)
-    if _visible(request, services.scheduler, owner, alias, request_id) is None:
+    if await _visible(request, services.desk, owner, alias, request_id) is None:
         return JSONResponse({"status": CancelResult.NOT_FOUND.value}, status_code=404)
-    outcome = services.scheduler.cancel(request_id)
+    outcome = await services.desk.cancel(request_id)
     return JSONResponse({"status": outcome.value}, status_code=_CANCEL_CODES[outcome])
