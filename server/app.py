@@ -123,19 +123,17 @@ def create_app(
     settings: Settings,
     registry: Registry,
     worker_factory: WorkerFactory | None = None,
-    worker_slots: int = 1,
     desk: Desk | None = None,
 ) -> FastAPI:
     """Build the app. `worker_factory` puts other workers behind the typed worker interface (stand-ins in
-    unit tests, Ray Serve replicas in scale-out, with a slot per replica). `desk` makes the app an
-    ingress that leaves the requests to a back office elsewhere (a scale-out ingress replica's
-    `RemoteDesk`); without it, the back office is in this process."""
+    unit tests). `desk` makes the app an ingress that leaves the requests to a back office elsewhere (a
+    scale-out ingress replica's `RemoteDesk`); without it, the back office is in this process."""
     database = Database(settings.job_store_url, settings.database_retry_seconds)
     database.migrate()  # before anything is served: a store that cannot be opened stops the start
     files = FileStore(settings.files_dir, database)
     office = None
     if desk is None:
-        office = BackOffice(settings, registry, database, files, worker_factory, worker_slots)
+        office = BackOffice(settings, registry, database, files, worker_factory)
         desk = office.desk
     webhooks = office.webhooks if office else _webhooks(settings)
 
@@ -165,7 +163,7 @@ def create_app(
         files=files,
         keys=KeyRing.from_settings(settings.api_keys, settings.api_keys_file),
         webhooks=webhooks,
-        uploads=PendingUploads(),
+        uploads=PendingUploads(database),
     )
     app.add_exception_handler(FalHTTPError, handle_fal_error)
     app.add_middleware(

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     memory_profile: str | None = None  # one of the model's memory_profiles; unset: chosen by device memory
     # Scale-out (`serve --ray`): the GPU workers as a Ray Serve deployment
     ray_address: str | None = None  # a running Ray cluster ("auto", "ray://head:10001"); unset: start one
+    ray_ingress_replicas: int = Field(default=1, ge=1)  # HTTP front doors; they share one dispatcher
     ray_workers_min: int = Field(default=1, ge=1)  # GPU worker replicas: autoscaled between min and max
     ray_workers_max: int = Field(default=1, ge=1)
     ray_gpus_per_worker: float = Field(default=1.0, ge=0)  # 0: CPU replicas (tests, the tiny model)

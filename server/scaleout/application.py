@@ -1,10 +1,9 @@
-"""The Ray Serve application: the fal front door (`server.app.create_app`, unchanged) as the ingress
-deployment, over the GPU worker deployment (`GpuWorker`, one GPU per replica, autoscaled between the
-configured bounds). `flux2-server serve --ray` runs it; `serve run` / `serve deploy` take `build` through
-the Serve config file in `deploy/` of the repository.
-
-The ingress has one replica for now: it holds the queue (its worker slots, one per possible GPU replica,
-stream jobs to the deployment), as the single-process server does.
+"""The Ray Serve application, three deployments: the fal front door (`server.app.create_app`) as the
+ingress, with as many replicas as configured, each asking the one dispatcher (`Dispatcher`: the queue, and
+a worker slot per possible GPU replica streaming jobs to it) about requests, over the GPU worker
+deployment (`GpuWorker`, one GPU per replica, autoscaled between the configured bounds).
+`flux2-server serve --ray` runs it; `serve run` / `serve deploy` take `build` through the Serve config
+file in `deploy/` of the repository.
 """
 
 from __future__ import annotations
@@ -24,10 +23,9 @@ from pipeline.logs import configure_logging
 from pipeline.models import Registry, load_registry
 from server.app import create_app
 from server.config import Settings
+from server.scaleout.dispatcher import Dispatcher
 from server.scaleout.gpu_worker import GpuWorker
-from server.scaleout.remote_worker import LoraPlacement, RemoteWorker
-from server.supervisor import Worker
-from server.worker_process import Listener
+from server.scaleout.remote_desk import RemoteDesk
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +34,12 @@ APP_NAME = "flux2"
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, settings: Settings, registry: Registry, workers: DeploymentHandle[Any]) -> None:
+    def __init__(self, settings: Settings, registry: Registry, dispatcher: DeploymentHandle[Any]) -> None:
         configure_logging(settings.log_level, settings.log_json)
-        self._settings, self._registry, self._workers = settings, registry, workers
+        self._settings, self._registry, self._dispatcher = settings, registry, dispatcher
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        settings = self._settings
-        placement = LoraPlacement(settings.ray_lora_sets_per_worker) if settings.ray_lora_affinity else None
-
-        def remote(listener: Listener) -> Worker:
-            return RemoteWorker(self._workers, listener, placement)
-
-        return create_app(settings, self._registry, remote, worker_slots=settings.ray_workers_max)
+        return create_app(self._settings, self._registry, desk=RemoteDesk(self._dispatcher))
 
 
 def application(settings: Settings, registry: Registry) -> Application:
@@ -83,14 +75,20 @@ def application(settings: Settings, registry: Registry) -> Application:
         settings.ray_lora_sets_per_worker,
         settings.heartbeat_seconds,
     )
-    ingress = serve.deployment(
-        name="ingress",
-        num_replicas=1,
-        max_ongoing_requests=10_000,  # status polls and streams: the queue limits work, not this
+    dispatcher = serve.deployment(
+        name="dispatcher",
+        num_replicas=1,  # the one queue: its lock in the job store keeps a second one waiting
+        max_ongoing_requests=100_000,  # status streams and sync runs wait here: the queue limits work
         ray_actor_options={"num_cpus": 0},
         graceful_shutdown_timeout_s=settings.shutdown_grace_seconds + 5,
+    )(Dispatcher).bind(settings, registry, workers)
+    ingress = serve.deployment(
+        name="ingress",
+        num_replicas=settings.ray_ingress_replicas,
+        max_ongoing_requests=10_000,  # status polls and streams: the queue limits work, not this
+        ray_actor_options={"num_cpus": 0},
     )(Ingress)
-    return ingress.bind(settings, registry, workers)
+    return ingress.bind(settings, registry, dispatcher)
 
 
 def run(settings: Settings, registry: Registry) -> str | None:

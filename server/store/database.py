@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,6 +133,33 @@ class Database:
             after = MigrationContext.configure(connection).get_current_revision()
         if after != before:
             log.info("job store schema: revision %s (was %s)", after, before or "none")
+
+    def hold_lock(self, name: str, wait_seconds: float = 1.0) -> Callable[[], None]:
+        """Wait until this process holds the lock `name`, and hold it until the returned release is called
+        or the process ends: a PostgreSQL session advisory lock on a connection of its own, or a file lock
+        beside an SQLite database. It keeps a second holder out (a scale-out's one dispatcher) even while
+        Ray briefly runs an old and a new one side by side."""
+        if self.url.get_backend_name() != "sqlite":
+            key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+            connection = self.engine.connect()
+            query = sa.text("SELECT pg_try_advisory_lock(:key)")
+            while not connection.execute(query, {"key": key}).scalar():
+                log.warning("waiting for the lock %r: another process holds it", name)
+                time.sleep(wait_seconds)
+
+            def release_session() -> None:
+                connection.invalidate()  # the session ends, and its lock with it, not back to the pool
+                connection.close()
+
+            return release_session
+        handle = open(f"{self.url.database}.{name}.lock", "a")  # noqa: SIM115 (held until released)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle.close
+            except BlockingIOError:
+                log.warning("waiting for the lock %r: another process holds it", name)
+                time.sleep(wait_seconds)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -138,3 +138,15 @@ files = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("files_by_age", "created_at"),
 )
+
+# Initiated uploads waiting for their bytes, by a digest of the secret in their upload URL: in the store,
+# so that any ingress replica takes the PUT, and an upload URL survives a restart.
+uploads = sa.Table(
+    "uploads",
+    metadata,
+    sa.Column("token_digest", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),  # the file it will be stored as (its URL is given out)
+    sa.Column("owner", sa.Text),
+    sa.Column("content_type", sa.Text, nullable=False),
+    sa.Column("expires", sa.Float, nullable=False),
+)

@@ -6,7 +6,7 @@ import fal_client
 import fal_client.client
 import pytest
 
-from server.testing import LiveServer
+from server.testing import LiveServer, PostgresServer
 
 
 def fal_client_at(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> fal_client.SyncClient:
@@ -20,3 +20,13 @@ def fal_client_at(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> fal_cl
 @pytest.fixture
 def fal(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[fal_client.SyncClient]:
     yield fal_client_at(live_server, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server; each user makes its own database on it."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -8,24 +8,13 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from server.testing import LiveServer, PostgresServer, free_port, installed_command, job_store
 
 SHORT = {"prompt": "a harbour", "image_size": "square", "num_inference_steps": 4}
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def wait_completed(status_url: str) -> None:

@@ -1,6 +1,7 @@
-"""Scale-out: `flux2-server serve --ray`, run as an operator runs it, on a Ray instance it starts itself,
-with two CPU worker replicas of the tiny model behind the same fal routes. The real clients, LoRA-affine
-routing, a cancel, and a replica killed with a request in hand."""
+"""Scale-out: `flux2-server serve --ray`, run as an operator runs it, on a Ray instance it starts itself:
+two ingress replicas sharing one dispatcher and a PostgreSQL job store, two CPU worker replicas of the
+tiny model, behind the same fal routes. The real clients, LoRA-affine routing, a cancel, and an ingress,
+the dispatcher and a worker replica killed with requests in hand."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from diffusers import Flux2Transformer2DModel
 
 from pipeline.testing import linear_shapes, write_lora
 from pipeline.tiny import ensure_tiny_pipeline
-from server.testing import LiveServer, free_port, installed_command, job_store
+from server.testing import LiveServer, PostgresServer, free_port, installed_command, job_store
 from tests.e2e.conftest import fal_client_at
 from tests.node import JS_DIR, node_available
 
@@ -43,10 +44,17 @@ def loras(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str
 
 
 @pytest.fixture(scope="module")
+def store_url(postgres: PostgresServer) -> str:
+    return postgres.database()
+
+
+@pytest.fixture(scope="module")
 def ray_server(
-    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, loras: dict[str, Path]
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, loras: dict[str, Path], store_url: str
 ) -> Iterator[LiveServer]:
     env = {
+        "FLUX2_DATABASE_URL": store_url,
+        "FLUX2_RAY_INGRESS_REPLICAS": "2",
         "FLUX2_CACHE_DIR": str(cache_dir),
         "FLUX2_LORA_FOLDERS": str(loras["style"].parent),
         "FLUX2_MAX_LORA_RANK": "16",
@@ -102,6 +110,13 @@ def test_the_fal_client_is_served_by_both_worker_replicas(
     assert len(ran_on) == 2, "four requests at once should keep both replicas busy"
     ready = httpx.get(f"{ray_server.url}/ready", timeout=10).json()
     assert ready["ready"] and ready["model"] == "tiny"
+
+
+def _pids(deployment: str) -> list[int]:
+    found = subprocess.run(
+        ["pgrep", "-f", f"ServeReplica:flux2:{deployment}"], capture_output=True, text=True, check=True
+    )
+    return [int(pid) for pid in found.stdout.split()]
 
 
 def test_a_lora_set_goes_back_to_the_replica_that_holds_it(
@@ -174,32 +189,43 @@ def test_cancel_reaches_the_replica_running_the_request(
     assert len(after["images"]) == 1
 
 
-def test_a_killed_ingress_loses_nothing_it_accepted(ray_server: LiveServer) -> None:
+def _answer(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """An answer from an ingress, through the seconds after a replica died (Ray's proxy may still pick it,
+    or wait for the new dispatcher)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            response = httpx.request(method, url, timeout=10, **kwargs)
+            if response.status_code < 500:
+                return response
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{method} {url} never answered"
+        time.sleep(0.2)
+
+
+def test_a_killed_ingress_or_dispatcher_loses_nothing_accepted(
+    ray_server: LiveServer, store_url: str
+) -> None:
     queue = f"{ray_server.url}/queue/{APP}"
     accepted = [httpx.post(queue, json=_body(steps=30), timeout=30).json() for _ in range(4)]
-    ingress = subprocess.run(
-        ["pgrep", "-f", "ServeReplica:flux2:ingress"], capture_output=True, text=True, check=True
-    )
-    os.kill(int(ingress.stdout.split()[0]), signal.SIGKILL)  # Ray Serve starts another, which recovers
-    deadline = time.monotonic() + 120
+    os.kill(_pids("ingress")[0], signal.SIGKILL)  # the other answers meanwhile; it held nothing
+    accepted += [_answer("POST", queue, json=_body(steps=30)).json() for _ in range(2)]
+    os.kill(_pids("dispatcher")[0], signal.SIGKILL)  # Ray Serve starts another, which recovers
     for request in accepted:
-        while True:
+        deadline = time.monotonic() + 120
+        while _answer("GET", request["status_url"]).json()["status"] != "COMPLETED":
             assert time.monotonic() < deadline, f"{request['request_id']} never completed"
-            try:
-                if httpx.get(request["status_url"], timeout=5).json().get("status") == "COMPLETED":
-                    break
-            except (httpx.TransportError, ValueError):  # no ingress for a moment
-                pass
             time.sleep(0.2)
-        result = httpx.get(request["response_url"], timeout=10)
+        result = _answer("GET", request["response_url"])
         assert result.status_code == 200 and len(result.json()["images"]) == 1
     logs = [
         entry["message"]
         for request in accepted
-        for entry in httpx.get(request["status_url"], params={"logs": 1}, timeout=10).json()["logs"]
+        for entry in _answer("GET", request["status_url"], params={"logs": 1}).json()["logs"]
     ]
-    assert "requeued after a server restart" in logs  # the new ingress took them back from the store
-    with job_store(ray_server.data_dir) as store:
+    assert "requeued after a server restart" in logs  # the new dispatcher took them back from the store
+    with job_store(store_url) as store:
         ids = store.request_ids()
     assert all(ids.count(request["request_id"]) == 1 for request in accepted)
 

@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def deployments(app: Any) -> dict[str, Any]:
-    """The ingress and the GPU worker deployment an application binds (the worker is the ingress's third
-    argument)."""
+    """The deployments an application binds: the ingress, the dispatcher (the ingress's third argument),
+    the GPU workers (the dispatcher's)."""
     ingress = app._bound_deployment
-    worker = ingress.init_args[2]._bound_deployment
-    return {ingress.name: ingress, worker.name: worker}
+    dispatcher = ingress.init_args[2]._bound_deployment
+    worker = dispatcher.init_args[2]._bound_deployment
+    return {ingress.name: ingress, dispatcher.name: dispatcher, worker.name: worker}
 
 
 def serve_config(document: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def serve_config(document: dict[str, Any]) -> dict[str, Any]:
     return dict(only.args)
 
 
-def test_the_serve_config_builds_autoscaled_gpu_workers_behind_one_ingress() -> None:
+def test_the_serve_config_builds_autoscaled_gpu_workers_behind_one_dispatcher_and_two_ingresses() -> None:
     args = serve_config(yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text()))
     built = deployments(build(args))
     worker = built["gpu-worker"]
@@ -40,7 +41,8 @@ def test_the_serve_config_builds_autoscaled_gpu_workers_behind_one_ingress() -> 
     scaling = worker._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
     assert worker._deployment_config.max_ongoing_requests == 1  # one job per GPU
-    assert built["ingress"]._deployment_config.num_replicas == 1
+    assert built["ingress"]._deployment_config.num_replicas == 2
+    assert built["dispatcher"]._deployment_config.num_replicas == 1  # the one queue
 
 
 def test_the_rayservice_deploys_the_same_application() -> None:

@@ -4,8 +4,9 @@ and upgrade stores of every earlier version, restarts that lose nothing, and ret
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,20 @@ def test_a_database_that_went_away_is_waited_for_once_then_failed_fast() -> None
         store.load("anything")
     assert time.monotonic() - started < 0.5  # still gone: no second wait until it answers again
     database.close()
+
+
+def test_a_lock_keeps_a_second_holder_waiting_until_the_first_lets_go(url: str) -> None:
+    """The scale-out dispatcher's: one holder at a time, on either database."""
+    first, second = Database(url), Database(url)
+    release = first.hold_lock("dispatcher")
+    taken: list[Callable[[], None]] = []
+    waiter = threading.Thread(target=lambda: taken.append(second.hold_lock("dispatcher", wait_seconds=0.05)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not taken  # still waiting
+    release()
+    waiter.join(5)
+    assert taken
+    taken[0]()
+    first.close()
+    second.close()

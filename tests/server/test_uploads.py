@@ -1,5 +1,5 @@
-"""Uploads under API keys: only the owner reads (or edits with) an upload, upload URLs are single use,
-and the upload size cap holds on both upload routes."""
+"""Uploads under API keys: only the owner reads (or edits with) an upload, upload URLs are single use
+(and taken by any server on the same store), and the upload size cap holds on both upload routes."""
 
 from __future__ import annotations
 
@@ -59,6 +59,25 @@ def test_an_upload_url_is_single_use_and_keeps_its_owner(keyed: Harness) -> None
     assert client.get(file_path, headers=BETA).content == png()
     assert client.get(file_path, headers=ALPHA).status_code == 404
     assert client.put("/storage/upload/made-up", content=png()).status_code == 404
+
+
+def test_an_upload_url_is_taken_by_another_server_on_the_same_store(tmp_path: Path) -> None:
+    """As two ingress replicas of a scaled-out server are: the PUT may reach either."""
+    first = _harness(tmp_path, hold=False, api_keys=("alpha-key",))
+    second = _harness(tmp_path, hold=False, api_keys=("alpha-key",))
+    one, other = next(first), next(second)
+    try:
+        started = one.client.post(
+            "/storage/upload/initiate", json={"content_type": "image/png"}, headers=ALPHA
+        ).json()
+        upload_path = started["upload_url"].removeprefix("http://testserver")
+        assert other.client.put(upload_path, content=png()).status_code == 200
+        assert one.client.put(upload_path, content=png()).status_code == 404  # still single use
+        file_path = started["file_url"].removeprefix("http://testserver")
+        assert one.client.get(file_path, headers=ALPHA).content == png()
+    finally:
+        second.close()
+        first.close()
 
 
 def test_uploads_over_the_cap_are_413_and_empty_ones_400(keyed: Harness) -> None:
