@@ -110,7 +110,11 @@ class Database:
         """Apply every migration this version has that the database lacks (none: nothing happens); a store
         that cannot be opened raises `StoreError`."""
         try:
-            self._migrate()
+            release = self.hold_lock("flux2-migrate")  # processes starting together migrate one at a time
+            try:
+                self._migrate()
+            finally:
+                release()
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(self._explain(exc)) from exc
 
