@@ -138,13 +138,15 @@ def test_a_lora_set_goes_back_to_the_replica_that_holds_it(
     assert _held(ray_server) == held_before + 6  # each found its LoRAs already parsed in memory
     # Both replicas busy, a queue behind them: a replica that frees up takes the next job it holds the
     # LoRAs of, even four places down the queue.
-    blockers = [fal.submit(APP, _body(steps=30)) for _ in range(2)]
+    blockers = [fal.submit(APP, _body(steps=50)) for _ in range(2)]
     deadline = time.monotonic() + 60
     while not all(_replica(ray_server, blocker.request_id) for blocker in blockers):
         assert time.monotonic() < deadline, "never started"
         time.sleep(0.05)
     sets = ["style"] * 4 + ["detail"] * 4
     burst = [fal.submit(APP, _body(loras[name], steps=8, scale=0.55)) for name in sets]
+    running = [blocker.status() for blocker in blockers]
+    assert all(isinstance(status, fal_client.InProgress) for status in running), "the queue came too late"
     for name, handle in zip(sets, burst, strict=True):
         handle.get()
         assert _replica(ray_server, handle.request_id)[0][0] == holder[name], name
