@@ -1,7 +1,7 @@
 """Scale-out: `flux2-server serve --ray`, run as an operator runs it, on a Ray instance it starts itself:
 two ingress replicas sharing one dispatcher and a PostgreSQL job store, two CPU worker replicas of the
-tiny model, behind the same fal routes. The real clients, LoRA-affine routing, a cancel, and an ingress,
-the dispatcher and a worker replica killed with requests in hand."""
+tiny model, behind the same fal routes. The real clients, LoRA-affine routing, a cancel; an ingress, the
+dispatcher and a worker replica killed with requests in hand, and PostgreSQL restarted."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +231,29 @@ def test_a_killed_ingress_or_dispatcher_loses_nothing_accepted(
     with job_store(store_url) as store:
         ids = store.request_ids()
     assert all(ids.count(request["request_id"]) == 1 for request in accepted)
+
+
+def test_a_postgresql_restart_mid_run_refuses_and_loses_nothing(
+    ray_server: LiveServer, postgres: PostgresServer, store_url: str
+) -> None:
+    queue = f"{ray_server.url}/queue/{APP}"
+    before = [httpx.post(queue, json=_body(steps=12), timeout=30).json() for _ in range(3)]
+    restart = threading.Thread(target=postgres.restart, kwargs={"down_seconds": 2.0})
+    restart.start()
+    time.sleep(0.5)  # the database is going down or down: these wait for it rather than fail
+    during = [httpx.post(queue, json=_body(), timeout=60) for _ in range(3)]
+    restart.join()
+    assert [answer.status_code for answer in during] == [200, 200, 200]
+    submitted = before + [answer.json() for answer in during]
+    for request in submitted:
+        deadline = time.monotonic() + 60
+        while httpx.get(request["status_url"], timeout=30).json()["status"] != "COMPLETED":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.get(request["response_url"], timeout=30).status_code == 200
+    with job_store(store_url) as store:
+        ids = store.request_ids()
+    assert all(ids.count(request["request_id"]) == 1 for request in submitted)
 
 
 def test_a_request_whose_replica_is_killed_runs_again_on_another(
