@@ -108,6 +108,9 @@ def run(settings: Settings, registry: Registry) -> str | None:
             return f"the Ray Serve application could not be deployed: {exc}"
         log.warning("serving on http://%s:%d (Ray Serve)", settings.host, settings.port)
         stop.wait()
+        # The dispatcher drains first, while the GPU workers still run its last jobs; then all goes.
+        dispatcher = serve.get_deployment_handle("dispatcher", APP_NAME)
+        dispatcher.drain.remote().result(timeout_s=settings.shutdown_grace_seconds + 30)
         serve.delete(APP_NAME)
         serve.shutdown()
     finally:

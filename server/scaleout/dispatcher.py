@@ -50,6 +50,7 @@ class Dispatcher:
         self._database = database
         self._office = BackOffice(settings, registry, database, files, remote, settings.ray_workers_max)
         self._desk = self._office.desk
+        self._drained = False
         await self._office.start()
 
     async def accept(self, record: JobRecord, queue_limit: int) -> RequestView | Outcome:
@@ -92,9 +93,17 @@ class Dispatcher:
     async def metrics(self) -> bytes:
         return await self._desk.metrics()
 
-    async def __del__(self) -> None:
-        """Ray Serve's shutdown of the replica: drain as `serve` does, then let go of the lock."""
-        with contextlib.suppress(Exception):
+    async def drain(self) -> None:
+        """Stop as `serve` does: no job starts, running ones may finish within the grace period, what
+        waits stays stored. `serve --ray` calls it before taking the application down, while the GPU
+        workers still run; otherwise the replica's shutdown does (`__del__`)."""
+        if not self._drained:
+            self._drained = True
             await self._office.stop()
+
+    async def __del__(self) -> None:
+        """Ray Serve's shutdown of the replica: drain, then let go of the lock."""
+        with contextlib.suppress(Exception):
+            await self.drain()
         self._database.close()
         self._release()

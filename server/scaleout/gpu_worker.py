@@ -47,8 +47,7 @@ class GpuWorker:
 
     async def run(self, job: Job) -> AsyncIterator[FromWorker]:
         """Run one job, streaming its messages; a cancelled stream stops it at its next step."""
-        if lora_set := serve.get_multiplexed_model_id():  # routed by LoRA set: say this replica holds it
-            await self.hold_lora_set(lora_set)
+        await self.hold_lora_set(job.lora_set)  # this replica holds its LoRAs now: route that set here
         loop = asyncio.get_running_loop()
         messages: asyncio.Queue[FromWorker] = asyncio.Queue()
         stop = threading.Event()

@@ -1,6 +1,7 @@
 """A worker slot over the Ray Serve GPU deployment, behind the supervisor's `Worker` seam: each job is a
-stream to one replica, which Ray Serve picks by the job's LoRA set, and the replica's messages reach the
-listener on the event loop as a spawned child's would.
+stream to one replica (by its LoRA set's id, Ray Serve's multiplexed model id, to a free replica that
+holds the set; otherwise to any free one), and the replica's messages reach the listener on the event
+loop as a spawned child's would.
 
 A replica lost with the job in hand (its process killed, its node gone) costs the job one more try on
 another replica, never two answers: only a stream that ended without an outcome is tried again. A second
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import OrderedDict, defaultdict
 from typing import Any, cast
@@ -96,7 +98,7 @@ class RemoteWorker:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._task = loop.create_task(self._ready())
+        self._task = loop.create_task(self._ready(), context=contextvars.Context())
 
     async def _ready(self) -> None:
         try:
@@ -109,7 +111,10 @@ class RemoteWorker:
     def submit(self, job: Job) -> None:
         assert self._loop is not None, "not started"
         self._job = job
-        self._task = self._loop.create_task(self._run(job))
+        # In a context of its own: created while the dispatcher answers some client's request, the task
+        # would otherwise carry that request's Ray Serve context, and each job's call to the deployment
+        # would go out as a child of it (its request id shared between jobs, its cancel cancelling them).
+        self._task = self._loop.create_task(self._run(job), context=contextvars.Context())
 
     def prefers(self, job: Job) -> bool:
         """Whether a free replica holds the job's LoRAs: sent with their set's id, it goes there."""
@@ -126,43 +131,48 @@ class RemoteWorker:
             if placement is not None and isinstance(message, JobStarted):
                 placement.started(message.worker, job.lora_set, where)
                 where = message.worker
-            elif placement is not None and isinstance(message, JobSucceeded | JobFailed):
-                placement.finished(where)  # before the outcome frees the slot for the next job
             self._listener(message)
 
         lost = ""
         for attempt in (1, 2):
-            lora_set = job.lora_set if placement is not None else ""
-            stream = self._deployment.options(stream=True, multiplexed_model_id=lora_set)
+            # By its set's id to the free replica holding it; otherwise plainly, to any free replica. An
+            # id no free replica holds would wait in Ray's router behind newer jobs that match: starved.
+            model_id = job.lora_set if where and attempt == 1 else ""
+            stream = self._deployment.options(stream=True, multiplexed_model_id=model_id)
             responses = cast(DeploymentResponseGenerator[Any], stream.run.remote(job))
-            self._stream, answered = responses, False
+            self._stream = responses
+            outcome: JobSucceeded | JobFailed | None = None
             try:
                 async for message in responses:
-                    answered = answered or isinstance(message, JobSucceeded | JobFailed)
-                    tell(message)
-                return
+                    if isinstance(message, JobSucceeded | JobFailed):
+                        outcome = (
+                            message  # told when the stream has ended: the replica is free then, for Ray too
+                        )
+                    else:
+                        tell(message)
+                if outcome is None:
+                    detail = "the GPU worker replica ended the job without an answer"
+                    outcome = JobFailed(job.request_id, FailureKind.INTERNAL, detail)
             except RequestCancelledError:
-                if not answered:
-                    tell(JobFailed(job.request_id, FailureKind.CANCELLED, "Request was cancelled"))
-                return
+                outcome = outcome or JobFailed(job.request_id, FailureKind.CANCELLED, "Request was cancelled")
             except _LOST as exc:
-                if answered:  # lost after its outcome arrived: only the figures were missed
-                    return
-                lost = f"{type(exc).__name__}: {exc}"
-                log.error("a GPU worker replica was lost (try %d of 2): %s", attempt, lost)
-                if attempt == 1:
-                    note = "the GPU worker replica running it was lost; running it again on another"
-                    tell(JobNote(job.request_id, note))
+                if outcome is None:  # lost after its outcome arrived, only the figures were missed
+                    lost = f"{type(exc).__name__}: {exc}"
+                    log.error("a GPU worker replica was lost (try %d of 2): %s", attempt, lost)
+                    if attempt == 1:
+                        note = "the GPU worker replica running it was lost; running it again on another"
+                        tell(JobNote(job.request_id, note))
             except Exception as exc:  # anything else from Ray: this request fails, and only it
                 log.exception("the GPU worker deployment failed a request")
-                if not answered:
-                    detail = f"the GPU worker deployment failed: {type(exc).__name__}: {exc}"
-                    tell(JobFailed(job.request_id, FailureKind.INTERNAL, detail))
-                return
+                detail = f"the GPU worker deployment failed: {type(exc).__name__}: {exc}"
+                outcome = outcome or JobFailed(job.request_id, FailureKind.INTERNAL, detail)
             finally:
                 self._stream = None
                 if placement is not None:
                     placement.finished(where)
+            if outcome is not None:
+                tell(outcome)
+                return
         detail = f"the GPU worker replica running it was lost twice ({lost.splitlines()[0]})"
         tell(JobFailed(job.request_id, FailureKind.WORKER_LOST, detail))
 
