@@ -43,9 +43,6 @@ class NotAccepted(Exception):
         super().__init__(outcome.error)
         self.outcome = outcome
 
-    def __reduce__(self) -> tuple[type[NotAccepted], tuple[Outcome]]:
-        return NotAccepted, (self.outcome,)  # whole across a process boundary (a scale-out ingress)
-
 
 class Scheduler:
     """`jobs` holds the requests in memory: the unfinished ones, and finished ones the store could not take

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,8 +27,6 @@ from server.scheduler import CancelResult, NotAccepted
 from server.store.database import Database
 from server.supervisor import Worker
 from server.worker_process import Listener
-
-log = logging.getLogger(__name__)
 
 LOCK_NAME = "flux2-dispatcher"
 
