@@ -63,6 +63,14 @@ def _body_caps(settings: Settings) -> Callable[[str], int | None]:
     return cap
 
 
+def open_store(settings: Settings) -> tuple[Database, FileStore]:
+    """The job store, brought to the newest schema (one that cannot be opened raises `StoreError`: the
+    start stops before anything is served), and the stored files' home over it."""
+    database = Database(settings.job_store_url, settings.database_retry_seconds)
+    database.migrate()
+    return database, FileStore(settings.files_dir, database)
+
+
 def _webhooks(settings: Settings) -> WebhookSender:
     signer = WebhookSigner(settings.data_dir / "keys")
     return WebhookSender(signer, allow_private_addresses=settings.allow_private_webhook_urls)
@@ -128,9 +136,7 @@ def create_app(
     """Build the app. `worker_factory` puts other workers behind the typed worker interface (stand-ins in
     unit tests). `desk` makes the app an ingress that leaves the requests to a back office elsewhere (a
     scale-out ingress replica's `RemoteDesk`); without it, the back office is in this process."""
-    database = Database(settings.job_store_url, settings.database_retry_seconds)
-    database.migrate()  # before anything is served: a store that cannot be opened stops the start
-    files = FileStore(settings.files_dir, database)
+    database, files = open_store(settings)
     office = None
     if desk is None:
         office = BackOffice(settings, registry, database, files, worker_factory)

@@ -16,15 +16,13 @@ from typing import Any
 
 from pipeline.logs import configure_logging
 from pipeline.models import Registry
-from server.app import BackOffice
+from server.app import BackOffice, open_store
 from server.config import Settings
 from server.desk import RequestView
-from server.files import FileStore
 from server.jobs import JobRecord
 from server.outcome import Outcome
 from server.scaleout.remote_worker import LoraPlacement, RemoteWorker
 from server.scheduler import CancelResult, NotAccepted
-from server.store.database import Database
 from server.supervisor import Worker
 from server.worker_process import Listener
 
@@ -35,15 +33,13 @@ class Dispatcher:
     # Ray Serve awaits an async constructor: the replica takes no request before the queue is back.
     async def __init__(self, settings: Settings, registry: Registry, workers: Any) -> None:  # type: ignore[misc]
         configure_logging(settings.log_level, settings.log_json)
-        database = Database(settings.job_store_url, settings.database_retry_seconds)
-        database.migrate()
+        database, files = open_store(settings)
         self._release = await asyncio.to_thread(database.hold_lock, LOCK_NAME)
         placement = LoraPlacement(settings.ray_lora_sets_per_worker) if settings.ray_lora_affinity else None
 
         def remote(listener: Listener) -> Worker:
             return RemoteWorker(workers, listener, placement)
 
-        files = FileStore(settings.files_dir, database)
         self._database = database
         self._office = BackOffice(settings, registry, database, files, remote, settings.ray_workers_max)
         self._desk = self._office.desk

@@ -3,7 +3,7 @@ job at a time), in the replica's process instead of a spawned child.
 
 Ray Serve routes each job by its LoRA set (model multiplexing): `hold_lora_set` tells the router which sets
 this replica holds, so a job goes where its LoRAs are already parsed in memory (and on the device) when
-such a replica is free. The LoRAs themselves are read by the job, from the files the ingress fetched.
+such a replica is free. The LoRAs themselves are read by the job, from the files the dispatcher fetched.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class GpuWorker:
             await running
             while not messages.empty():  # the worker's figures after the job
                 yield messages.get_nowait()
-            # The outcome last: the ingress hands out the next job when it arrives, and this replica is
+            # The outcome last: the dispatcher hands out the next job when it arrives, and this replica is
             # free for it only once the stream has ended.
             yield message
         finally:

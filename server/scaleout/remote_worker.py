@@ -40,7 +40,7 @@ _LOST = (RayActorError, ActorUnavailableError)
 
 class LoraPlacement:
     """Which LoRA sets each replica ran last (as many as Ray Serve routes it as holding,
-    `FLUX2_RAY_LORA_SETS_PER_WORKER`) and which replicas have a job, as an ingress's slots saw them: a
+    `FLUX2_RAY_LORA_SETS_PER_WORKER`) and which replicas have a job, as the dispatcher's slots saw them: a
     slot that frees up takes a waiting job whose LoRAs a free replica holds, and the job's set id takes it
     there. A job sent that way counts its replica busy at once, before the replica says it started, so
     the next slot does not count on the same replica."""
@@ -145,9 +145,8 @@ class RemoteWorker:
             try:
                 async for message in responses:
                     if isinstance(message, JobSucceeded | JobFailed):
-                        outcome = (
-                            message  # told when the stream has ended: the replica is free then, for Ray too
-                        )
+                        # Told when the stream has ended: the replica is free then, for Ray too.
+                        outcome = message
                     else:
                         tell(message)
                 if outcome is None:
@@ -156,7 +155,7 @@ class RemoteWorker:
             except RequestCancelledError:
                 outcome = outcome or JobFailed(job.request_id, FailureKind.CANCELLED, "Request was cancelled")
             except _LOST as exc:
-                if outcome is None:  # lost after its outcome arrived, only the figures were missed
+                if outcome is None:  # lost before its outcome: tried again (after it, only figures were lost)
                     lost = f"{type(exc).__name__}: {exc}"
                     log.error("a GPU worker replica was lost (try %d of 2): %s", attempt, lost)
                     if attempt == 1:
